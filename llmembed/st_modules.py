@@ -1,0 +1,85 @@
+"""sentence-transformers modules for heads that ST does not ship.
+
+Last-token and mean pooling export to ST's own ``Pooling``; only the NV-Embed
+latent-attention head needs this adapter. It wraps :class:`llmembed.pooling.LatentAttentionPooling`
+so ST runs exactly our code. ST imports classes outside its own package only with
+``trust_remote_code=True`` or ``module_classes={"llmembed.st_modules.LatentAttentionPooling":
+LatentAttentionPooling}``; the exported model card says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sentence_transformers.base.modules import Module
+
+from llmembed.pooling import LatentAttentionPooling as _LatentHead
+from llmembed.pooling import PoolingConfig
+
+
+class LatentAttentionPooling(Module):
+    config_keys = ["embedding_dimension", "num_latents", "num_heads", "mlp_ratio", "include_prompt"]
+
+    def __init__(
+        self,
+        embedding_dimension: int,
+        num_latents: int = 512,
+        num_heads: int = 8,
+        mlp_ratio: int = 4,
+        include_prompt: bool = True,
+    ) -> None:
+        super().__init__()
+        self.embedding_dimension = embedding_dimension
+        self.num_latents = num_latents
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.include_prompt = include_prompt
+        config = PoolingConfig(
+            kind="latent_attention",
+            include_instruction=include_prompt,
+            num_latents=num_latents,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+        )
+        self.head = _LatentHead(config, embedding_dimension)
+
+    @classmethod
+    def from_head(cls, head: _LatentHead) -> "LatentAttentionPooling":
+        module = cls(
+            head.hidden_size,
+            head.config.num_latents,
+            head.config.num_heads,
+            head.config.mlp_ratio,
+            head.config.include_instruction,
+        )
+        module.head.load_state_dict(head.state_dict())
+        return module
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        tokens = features["token_embeddings"]
+        prompt_lengths = None
+        if "prompt_length" in features and not self.include_prompt:
+            value = features["prompt_length"]
+            value = int(value.reshape(-1)[0].item()) if isinstance(value, torch.Tensor) else int(value)
+            prompt_lengths = torch.full((tokens.shape[0],), value, dtype=torch.long, device=tokens.device)
+        embedding = self.head(tokens, features["attention_mask"], prompt_lengths)
+        features["sentence_embedding"] = embedding.to(tokens.dtype)
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.embedding_dimension
+
+    get_sentence_embedding_dimension = get_embedding_dimension
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> "LatentAttentionPooling":
+        hub = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub)
+        module = cls(**config)
+        cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub)
+        return module
