@@ -166,6 +166,19 @@ def is_bidirectional(model: torch.nn.Module) -> bool:
     return getattr(model.config, "is_causal", True) is False
 
 
+class _DropLmHeadReport(logging.Filter):
+    """Hide transformers' load report when its only finding is the unused LM head: loading a
+    causal-LM checkpoint as the bare transformer always drops ``lm_head.*``. Any other finding
+    (missing or mismatched keys) is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message or "MISSING" in message or "MISMATCH" in message:
+            return True
+        rows = [line for line in message.splitlines() if "UNEXPECTED" in line and "|" in line]
+        return not rows or not all(line.strip().startswith("lm_head") for line in rows)
+
+
 def load_backbone(config: BackboneConfig, path: str | None = None, **extra: Any) -> torch.nn.Module:
     """Load the bare transformer described by ``config`` (from ``path`` when already resolved)."""
     from transformers import AutoModel
@@ -178,6 +191,9 @@ def load_backbone(config: BackboneConfig, path: str | None = None, **extra: Any)
     if quant is not None:
         kwargs["quantization_config"] = quant
     kwargs.update(extra)
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLmHeadReport()
+    report_logger.addFilter(report_filter)
     try:
         model = AutoModel.from_pretrained(path, **kwargs)
     except ValueError as err:
@@ -191,6 +207,8 @@ def load_backbone(config: BackboneConfig, path: str | None = None, **extra: Any)
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only local folders and 'default' work)" if offline else ""
         raise BackboneError(f"Cannot load backbone {config.name_or_path!r} from {path}{hint}: {err}") from err
+    finally:
+        report_logger.removeFilter(report_filter)
     set_bidirectional(model, config.bidirectional)
     if quant is not None:
         disable_cpu_bf16_repack(model)

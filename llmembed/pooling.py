@@ -11,7 +11,10 @@ Each pooling is a module that saves and loads its own config (``config.json``) a
   trainable latent array, pass an MLP, then are mean-pooled.
 
 Mean and latent pooling can leave the instruction prefix out (``include_instruction=False``):
-its tokens still shape the others through attention, but are not averaged.
+its tokens still shape the others through attention, but are not averaged. The prompt's length
+is counted as sentence-transformers counts it (the prefix tokenised alone), so exports agree
+with training; with byte-level BPE a prefix ending in a space ("Query: ") counts the space as
+a token of its own, and the first text token (" hello") is then left out as well.
 """
 
 from __future__ import annotations

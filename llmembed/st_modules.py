@@ -2,9 +2,9 @@
 
 Last-token and mean pooling export to ST's own ``Pooling``; only the NV-Embed
 latent-attention head needs this adapter. It wraps :class:`llmembed.pooling.LatentAttentionPooling`
-so ST runs exactly our code. ST imports classes outside its own package only with
-``trust_remote_code=True`` or ``module_classes={"llmembed.st_modules.LatentAttentionPooling":
-LatentAttentionPooling}``; the exported model card says so.
+so ST runs exactly our code. sentence-transformers 6 imports classes outside its own package only with
+``trust_remote_code=True`` (for a local folder it then imports this installed module; no code
+is shipped in the export); the exported model card says so.
 """
 
 from __future__ import annotations
