@@ -88,12 +88,27 @@ class EmbeddingModel(nn.Module):
 
     # ------------------------------------------------------------------ build / load / save
     @classmethod
-    def build(cls, config: EmbeddingModelConfig | None = None, **backbone_kwargs: Any) -> "EmbeddingModel":
-        """A fresh model: pretrained backbone, new pooling head, fresh LoRA if configured."""
+    def build(cls, config: EmbeddingModelConfig | None = None, gradient_checkpointing: bool = False,
+              **backbone_kwargs: Any) -> "EmbeddingModel":
+        """A fresh model: pretrained backbone, new pooling head, fresh LoRA if configured.
+
+        ``gradient_checkpointing`` switches on non-reentrant checkpointing, which works with
+        frozen inputs (LoRA) without the reentrant variant's ``requires_grad`` workaround.
+        """
         config = config or EmbeddingModelConfig()
         path = resolve_backbone_path(config.backbone.name_or_path)
         tokenizer = load_tokenizer(path, config.backbone.trust_remote_code)
         backbone = load_backbone(config.backbone, path, **backbone_kwargs)
+        if config.backbone.quantization is not None and config.lora is not None:
+            from peft import prepare_model_for_kbit_training
+
+            backbone = prepare_model_for_kbit_training(
+                backbone,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        elif gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora is not None:
             backbone = apply_lora(backbone, config.lora)
         pooling = build_pooling(config.pooling, backbone.config.hidden_size)
@@ -164,15 +179,23 @@ class EmbeddingModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.config.output_dim or self.pooling.output_dim
 
-    def format(self, texts: Sequence[str], instruction: str | None, is_query: bool) -> tuple[list[str], list[str]]:
-        """Prompted texts and their prefixes."""
-        prefix = self.config.prompts.prefix(instruction, is_query)
-        return [prefix + t for t in texts], [prefix] * len(texts)
+    def format(
+        self, texts: Sequence[str], instruction: str | Sequence[str | None] | None, is_query: bool
+    ) -> tuple[list[str], list[str]]:
+        """Prompted texts and their prefixes. ``instruction`` may be one string for all texts or
+        one per text (mixed-task batches)."""
+        if instruction is None or isinstance(instruction, str):
+            prefix = self.config.prompts.prefix(instruction, is_query)
+            return [prefix + t for t in texts], [prefix] * len(texts)
+        if len(instruction) != len(texts):
+            raise ValueError(f"{len(instruction)} instructions for {len(texts)} texts")
+        prefixes = [self.config.prompts.prefix(i, is_query) for i in instruction]
+        return [p + t for p, t in zip(prefixes, texts)], prefixes
 
     def tokenize(
         self,
         texts: Sequence[str],
-        instruction: str | None = None,
+        instruction: str | Sequence[str | None] | None = None,
         is_query: bool | None = None,
         max_length: int | None = None,
     ) -> dict[str, torch.Tensor]:

@@ -1,0 +1,62 @@
+"""Read JSONL files of records, naming file and line for every bad one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmembed.data.schema import DataError, Record, parse_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadReport:
+    """What a read kept and what it skipped (by reason)."""
+
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None) -> list[Record]:
+    """All records of ``path``. A bad line raises :class:`DataError` (``file:line: ...``), or is
+    counted in ``report`` when ``skip_invalid``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    report = report if report is not None else ReadReport()
+    records: list[Record] = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"not valid UTF-8 (byte {err.start})") from None
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"malformed JSON ({err.msg} at column {err.colno})") from None
+                records.append(parse_record(obj))
+                report.kept += 1
+            except DataError as err:
+                message = f"{path}:{number}: {err}"
+                if not skip_invalid:
+                    raise DataError(message) from None
+                reason = str(err).split(":")[0] if str(err).startswith("field") else str(err).split(" (")[0]
+                report.skipped[reason] += 1
+                if len(report.first_errors) < 5:
+                    report.first_errors.append(message)
+    if report.skipped_total:
+        logger.warning("%s: skipped %d invalid record(s): %s", path, report.skipped_total, dict(report.skipped))
+    return records

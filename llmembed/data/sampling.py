@@ -1,0 +1,92 @@
+"""Homogeneous, weighted, resumable batch sampling.
+
+Every global batch (all ranks together) comes from one dataset, so in-batch negatives are
+meaningful and one task's instructions apply. Which dataset serves a step is drawn with
+probability proportional to its weight. The whole schedule is a pure function of
+``(seed, epoch, step)``: resuming needs only the step counter, and every rank computes the
+same global batch and takes its own slice, so rank ``r`` of ``W`` holds rows
+``[r*B, (r+1)*B)`` of the batch a single process with batch ``W*B`` would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    dataset: int
+    indices: tuple[int, ...]  # this rank's rows
+    epoch: int
+    step: int
+
+
+class HomogeneousBatchSampler:
+    def __init__(self, sizes: list[int], weights: list[float], global_batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if global_batch_size % world_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError("one weight per dataset is needed")
+        for i, (size, weight) in enumerate(zip(sizes, weights)):
+            if weight < 0:
+                raise ValueError(f"data.datasets[{i}].weight must be >= 0, got {weight}")
+            if weight > 0 and size < global_batch_size:
+                raise ValueError(
+                    f"data.datasets[{i}] has {size} records, fewer than one global batch ({global_batch_size})"
+                )
+        total = float(sum(weights))
+        if total <= 0:
+            raise ValueError("at least one dataset needs a positive weight")
+        self.sizes = sizes
+        self.probs = np.asarray(weights, dtype=np.float64) / total
+        self.batch = global_batch_size
+        self.local = global_batch_size // world_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        usable = [s for s, w in zip(sizes, weights) if w > 0]
+        self.steps_per_epoch = max(1, sum(usable) // global_batch_size)
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+        choices = self._rng(epoch, 0).choice(len(self.sizes), size=self.steps_per_epoch, p=self.probs)
+        cursors = [0] * len(self.sizes)
+        cycles = [0] * len(self.sizes)
+        orders: dict[tuple[int, int], np.ndarray] = {}
+        plan = []
+        for ds in choices:
+            ds = int(ds)
+            if cursors[ds] + self.batch > self.sizes[ds]:
+                cycles[ds] += 1
+                cursors[ds] = 0
+            key = (ds, cycles[ds])
+            if key not in orders:
+                orders[key] = self._rng(epoch, 1, ds, cycles[ds]).permutation(self.sizes[ds])
+            rows = orders[key][cursors[ds] : cursors[ds] + self.batch].tolist()
+            cursors[ds] += self.batch
+            plan.append((ds, rows))
+        return plan
+
+    def global_batch(self, step: int) -> tuple[int, list[int], int]:
+        """(dataset, all rows of the global batch, epoch) for global step ``step`` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        ds, rows = self._epoch_plan(epoch)[within]
+        return ds, rows, epoch
+
+    def batches(self, start_step: int = 0):
+        """Endless iterator of this rank's :class:`BatchRef`, starting at ``start_step``."""
+        step = start_step
+        plan_epoch, plan = -1, []
+        while True:
+            epoch, within = divmod(step, self.steps_per_epoch)
+            if epoch != plan_epoch:
+                plan_epoch, plan = epoch, self._epoch_plan(epoch)
+            ds, rows = plan[within]
+            mine = rows[self.rank * self.local : (self.rank + 1) * self.local]
+            yield BatchRef(ds, tuple(mine), epoch, step)
+            step += 1

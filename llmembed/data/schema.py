@@ -1,0 +1,104 @@
+"""The one record schema that flows through synth, mining and training.
+
+Canonical form (one JSON object per line)::
+
+    {"query": str, "positive": str | [str], "negatives": [str], "instruction": str | null,
+     "task": str, "score": float | null, "meta": {...}}
+
+Also accepted, because public datasets ship them: ``anchor/positive/negative`` (negative a
+string or a list) and ``query/pos/neg`` (lists). Every problem is reported with the field
+name; readers add the file and line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DataError(ValueError):
+    """A record is invalid. ``str(err)`` reads ``file:line: field 'x': what is wrong``."""
+
+
+@dataclass
+class Record:
+    query: str
+    positives: list[str]
+    negatives: list[str] = field(default_factory=list)
+    instruction: str | None = None
+    task: str | None = None
+    score: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "positive": self.positives[0] if len(self.positives) == 1 else list(self.positives),
+            "negatives": list(self.negatives),
+            "instruction": self.instruction,
+            "task": self.task,
+            "score": self.score,
+            "meta": self.meta,
+        }
+
+
+_LAYOUTS = (
+    # (query key, positive key, negative key)
+    ("query", "positive", "negatives"),
+    ("anchor", "positive", "negative"),
+    ("query", "pos", "neg"),
+)
+_KNOWN = {"query", "positive", "negatives", "instruction", "task", "score", "meta", "anchor", "negative",
+          "pos", "neg", "id", "_id"}
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"field '{name}': expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"field '{name}': empty text")
+    return value
+
+
+def _texts(value: Any, name: str, allow_empty: bool) -> list[str]:
+    if value is None:
+        value = []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"field '{name}': expected a string or a list of strings, got {type(value).__name__}")
+    out = [_text(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if not out and not allow_empty:
+        raise DataError(f"field '{name}': empty list")
+    return out
+
+
+def parse_record(obj: Any) -> Record:
+    """Validate one decoded JSON value and return a :class:`Record`."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+    layout = next((l for l in _LAYOUTS if l[0] in obj and l[1] in obj), None)
+    if layout is None:
+        if "query" not in obj and "anchor" not in obj:
+            raise DataError("field 'query': missing")
+        raise DataError("field 'positive': missing")
+    qk, pk, nk = layout
+    query = _text(obj[qk], qk)
+    positives = _texts(obj[pk], pk, allow_empty=False)
+    negatives = _texts(obj.get(nk), nk, allow_empty=True)
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise DataError(f"field 'instruction': expected a string or null, got {type(instruction).__name__}")
+    task = obj.get("task")
+    if task is not None and not isinstance(task, str):
+        raise DataError(f"field 'task': expected a string, got {type(task).__name__}")
+    score = obj.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"field 'score': expected a finite number or null, got {score!r}")
+        score = float(score)
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"field 'meta': expected an object, got {type(meta).__name__}")
+    return Record(query, positives, negatives, instruction or None, task, score, meta)

@@ -1,0 +1,1 @@
+"""The DeepSpeed training engine: config, loop, checkpoints, logging."""

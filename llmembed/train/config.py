@@ -1,0 +1,166 @@
+"""One YAML per run, with dotted command-line overrides (``--set train.lr=1e-4``).
+
+Unknown keys and wrong types are refused with the key's full path; relative paths in the file
+are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmembed.config import ConfigError, from_dict
+from llmembed.model import EmbeddingModelConfig
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    name: str | None = None
+    weight: float = 1.0
+    # Used for records without their own instruction; None falls back to prompts.default_instruction.
+    instruction: str | None = None
+    # False for tasks where other queries' positives are not negatives (classification labels).
+    in_batch_negatives: bool = True
+    # 1 positive + (group_size - 1) hard negatives per query; None uses data.group_size.
+    group_size: int | None = None
+    # "auto": CoSENT when every record carries a score, InfoNCE otherwise.
+    loss: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("auto", "infonce", "cosent"):
+            raise ValueError(f"loss must be auto, infonce or cosent, got {self.loss!r}")
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    group_size: int = 2
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.02
+    symmetric: bool = False
+    cross_device_negatives: bool = True
+    cosent_scale: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/run"
+    save_every: int = 0  # optimizer steps; 0 saves only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "llmembed"
+    progress_bar: bool = True
+    # JSON file {"queries": [...], "passages": [...]}: encoded by the in-memory model at the end
+    # of training into probe_embeddings.json, a reference for checking saved/exported models.
+    probe_file: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: EmbeddingModelConfig = field(default_factory=EmbeddingModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``KEY=VALUE`` overrides (values parsed as YAML), validate."""
+    tree: dict[str, Any] = {}
+    base = Path.cwd()
+    where = "<overrides>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        base = path.resolve().parent
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    try:
+        config = from_dict(TrainConfig, tree)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    for ds in config.data.datasets:
+        if not Path(ds.path).is_absolute() and not Path(ds.path).exists() and (base / ds.path).exists():
+            ds.path = str(base / ds.path)
+    return config

@@ -1,0 +1,64 @@
+"""Rank-0 progress bar, TensorBoard scalars, an optional W&B run, and a JSONL of step metrics
+(the file resume tests and benchmarks read)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger("llmembed.train")
+
+
+class RunLogger:
+    def __init__(self, output_dir: Path, config, rank: int, total_steps: int, start_step: int,
+                 run_config: dict) -> None:
+        self.rank = rank
+        self.enabled = rank == 0
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.writer = self.bar = self.wandb = None
+        if not self.enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # On resume, drop lines past the checkpoint so no step is logged twice.
+        if self.metrics_path.exists():
+            kept = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        if config.wandb:
+            if importlib.util.find_spec("wandb") is None:
+                logger.warning("logging.wandb is on but wandb is not installed; skipping W&B")
+            else:
+                import wandb
+
+                self.wandb = wandb.init(project=config.wandb_project, config=run_config, resume="allow")
+        if config.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}", lr=f"{metrics['lr']:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
