@@ -46,7 +46,7 @@ def write_config(tmp: Path, model_dir: Path, data: list[Path], **sections) -> Pa
             if isinstance(value, dict) and isinstance(config[section].get(key), dict):
                 config[section][key].update(value)
             else:
-                config[section][key] = value
+                config.setdefault(section, {})[key] = value
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
