@@ -65,7 +65,7 @@ def _texts(value: Any, name: str, allow_empty: bool) -> list[str]:
     if value is None:
         value = []
     if isinstance(value, str):
-        value = [value]
+        return [_text(value, name)]
     if not isinstance(value, list):
         raise DataError(f"field '{name}': expected a string or a list of strings, got {type(value).__name__}")
     out = [_text(v, f"{name}[{i}]") for i, v in enumerate(value)]

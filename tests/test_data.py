@@ -1,0 +1,123 @@
+"""Records, readers, homogeneous weighted sampling and collation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from llmembed.data import DataError, read_jsonl
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset
+from llmembed.data.readers import ReadReport
+from llmembed.data.sampling import HomogeneousBatchSampler
+
+GOOD = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}
+
+
+def _write(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else (json.dumps(line) if isinstance(line, dict) else line).encode())
+            f.write(b"\n")
+    return path
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", "malformed JSON"),
+    ({"positive": "p"}, "field 'query': missing"),
+    ({"query": "q", "positive": []}, "field 'positive': empty list"),
+    ({"query": "q", "positive": "  "}, "field 'positive': empty text"),
+    ({"query": 3, "positive": "p"}, "field 'query': expected a string, got int"),
+    ({"query": "q", "positive": "p", "negatives": "n", "score": "high"}, "field 'score'"),
+    ({"query": "q", "positive": "p", "negatives": [1]}, "field 'negatives[0]'"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_bad_records_name_file_line_and_field(tmp_path, bad, message):
+    path = _write(tmp_path / "d.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError) as err:
+        read_jsonl(path)
+    assert str(err.value).startswith(f"{path}:3: ")
+    assert message in str(err.value)
+    report = ReadReport()
+    records = read_jsonl(path, skip_invalid=True, report=report)
+    assert len(records) == 3 and report.kept == 3 and report.skipped_total == 1
+
+
+def test_layouts_are_normalised(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [
+        {"query": "a", "positive": ["p1", "p2"], "negatives": ["n"], "instruction": "I", "task": "t", "score": None},
+        {"anchor": "b", "positive": "p", "negative": "n"},
+        {"query": "c", "pos": ["p"], "neg": ["n1", "n2"]},
+        {"query": "d", "positive": "p", "score": 4.5},
+    ])
+    a, b, c, d = read_jsonl(path)
+    assert (a.query, a.positives, a.negatives, a.instruction, a.task) == ("a", ["p1", "p2"], ["n"], "I", "t")
+    assert (b.query, b.positives, b.negatives) == ("b", ["p"], ["n"])
+    assert (c.query, c.positives, c.negatives) == ("c", ["p"], ["n1", "n2"])
+    assert d.score == 4.5 and d.negatives == []
+
+
+def test_every_batch_is_homogeneous_and_follows_the_weights():
+    sampler = HomogeneousBatchSampler([400, 200, 100], [1.0, 2.0, 1.0], global_batch_size=8, seed=5)
+    counts = Counter()
+    for _, ref in zip(range(4000), sampler.batches()):
+        counts[ref.dataset] += 1
+        assert len(ref.indices) == 8 and len(set(ref.indices)) == 8
+        assert max(ref.indices) < [400, 200, 100][ref.dataset]
+    assert abs(counts[0] / 4000 - 0.25) < 0.03
+    assert abs(counts[1] / 4000 - 0.50) < 0.03
+    assert abs(counts[2] / 4000 - 0.25) < 0.03
+
+
+def test_ranks_split_the_single_process_batch_and_epochs_reshuffle():
+    one = HomogeneousBatchSampler([64, 40], [1, 1], 8, seed=2)
+    ranks = [HomogeneousBatchSampler([64, 40], [1, 1], 8, seed=2, rank=r, world_size=2) for r in (0, 1)]
+    for step in (0, 3, 11, 12, 40):
+        full = next(one.batches(step))
+        halves = [next(s.batches(step)) for s in ranks]
+        assert halves[0].dataset == halves[1].dataset == full.dataset
+        assert halves[0].indices + halves[1].indices == full.indices
+    epoch0 = [next(one.batches(s)).indices for s in range(one.steps_per_epoch)]
+    epoch1 = [next(one.batches(s + one.steps_per_epoch)).indices for s in range(one.steps_per_epoch)]
+    assert epoch0 != epoch1
+    # Within one dataset's pass no row repeats.
+    seen = [i for s in range(one.steps_per_epoch) for i in next(one.batches(s)).indices
+            if next(one.batches(s)).dataset == 0]
+    assert len(seen) == len(set(seen))
+
+
+def test_sampler_refuses_bad_settings():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        HomogeneousBatchSampler([4], [1], 8)
+    with pytest.raises(ValueError, match="divisible"):
+        HomogeneousBatchSampler([40], [1], 9, world_size=2)
+
+
+class _Recorder:
+    """Stands in for the model's tokenize so the test can read back the formatted texts."""
+
+    def tokenize(self, texts, instruction=None, is_query=None):
+        return {"texts": list(texts), "instruction": instruction, "is_query": is_query}
+
+
+def test_groups_hold_positive_then_fresh_hard_negatives():
+    from llmembed.data.schema import Record
+    from llmembed.data.sampling import BatchRef
+
+    records = [Record(f"q{i}", [f"p{i}"], [f"n{i}_{j}" for j in range(5)]) for i in range(6)]
+    records.append(Record("q6", ["p6"], ["only"]))
+    records.append(Record("q7", ["p7"], []))
+    ds = LoadedDataset("d", records, "Do it", True, 3, "infonce")
+    collate = ContrastiveCollator(_Recorder(), [ds], seed=0)
+    batch = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))
+    passages = batch["passage"]["texts"]
+    assert batch["query"]["texts"] == ["q0", "q6", "q7"] and batch["query"]["instruction"] == ["Do it"] * 3
+    assert passages[0] == "p0" and set(passages[1:3]) <= {f"n0_{j}" for j in range(5)} and passages[1] != passages[2]
+    assert passages[3:6] == ["p6", "only", "only"]
+    assert passages[6] == "p7" and all(p.startswith("p") and p != "p7" for p in passages[7:9])
+    again = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))["passage"]["texts"]
+    assert again == passages
+    epochs = {tuple(collate(BatchRef(0, (0,), epoch=e, step=0))["passage"]["texts"][1:]) for e in range(6)}
+    assert len(epochs) > 1  # hard negatives are re-drawn each epoch

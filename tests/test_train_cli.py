@@ -1,0 +1,45 @@
+"""launch/train.py as a user runs it: bad data and bad config give one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import save_tiny
+from .train_utils import launch, metrics, write_config, write_pairs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_dir):
+    return save_tiny(tmp_path_factory.mktemp("tiny-cli"), "llama", default_dir, vocab_size=49152,
+                     hidden_size=64, heads=4, kv_heads=2)
+
+
+def test_bad_record_stops_with_file_and_line_unless_skipped(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    with open(data, "ab") as f:
+        f.write(b'{"query": "q", "positive": []}\n')
+        f.write(b'{"query": "q", "positive": "p"\n')
+        f.write(b'\xff\xfe\n')
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 2})
+    run = launch(config, launcher="python", check=False)
+    assert run.returncode == 2
+    assert f"{data}:41: field 'positive': empty list" in run.stdout
+    assert "Traceback" not in run.stdout
+    run = launch(config, launcher="python", extra=["--skip-invalid"])
+    assert "skipped 3 invalid record(s)" in run.stdout
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_records"] == 3
+
+
+def test_unknown_config_key_is_refused(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 16)
+    config = write_config(tmp_path, tiny_dir, [data])
+    run = launch(config, launcher="python", extra=["--set", "train.learning_rate=1e-4"], check=False)
+    assert run.returncode == 2 and "unknown key(s) train.learning_rate" in run.stdout
+    run = launch(config, launcher="python", extra=["--set", "model.pooling.kind=cls"], check=False)
+    assert run.returncode == 2 and "pooling.kind" in run.stdout and "Traceback" not in run.stdout
