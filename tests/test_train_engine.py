@@ -36,7 +36,9 @@ def _cos(a, b):
 def test_two_process_lora_training_saves_and_exports_what_it_trained(tiny_dir, tmp_path, stage, launcher):
     data = write_pairs(tmp_path / "pairs.jsonl", 96)
     (tmp_path / "probe.json").write_text(json.dumps(PROBE))
-    config = write_config(tmp_path, tiny_dir, [data], train={"deepspeed": stage, "max_steps": 8, "lr": 2e-3},
+    # ZeRO-3 also runs with (non-reentrant) gradient checkpointing.
+    train = {"deepspeed": stage, "max_steps": 8, "lr": 2e-3, "gradient_checkpointing": stage == "zero3"}
+    config = write_config(tmp_path, tiny_dir, [data], train=train,
                           logging={"probe_file": str(tmp_path / "probe.json")})
     launch(config, procs=2, launcher=launcher)
     run = tmp_path / "run"

@@ -1,7 +1,8 @@
 """One YAML per run, with dotted command-line overrides (``--set train.lr=1e-4``).
 
-Unknown keys and wrong types are refused with the key's full path; relative paths in the file
-are resolved against the file's folder.
+Unknown keys and wrong types are refused with the key's full path. Relative paths in a config
+(data files, output folder) are relative to the working directory the command runs in, as in
+Hugging Face's and DeepSpeed's own configs.
 """
 
 from __future__ import annotations
@@ -133,7 +134,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``path`` (YAML), apply ``KEY=VALUE`` overrides (values parsed as YAML), validate."""
     tree: dict[str, Any] = {}
-    base = Path.cwd()
     where = "<overrides>"
     if path is not None:
         path = Path(path)
@@ -146,7 +146,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        base = path.resolve().parent
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
@@ -157,10 +156,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             value = raw
         _set_dotted(tree, key.strip(), value)
     try:
-        config = from_dict(TrainConfig, tree)
+        return from_dict(TrainConfig, tree)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    for ds in config.data.datasets:
-        if not Path(ds.path).is_absolute() and not Path(ds.path).exists() and (base / ds.path).exists():
-            ds.path = str(base / ds.path)
-    return config

@@ -245,6 +245,7 @@ def train(config: TrainConfig, resume: str | None = None, skip_invalid: bool = F
                 "samples_per_s": samples * world_size / elapsed,
                 "tokens_per_s": tokens * world_size / elapsed,
                 "padding_share": 1.0 - real_tokens / max(tokens, 1),
+                "elapsed_s": elapsed,
             })
         if config.checkpoint.save_every and step % config.checkpoint.save_every == 0 and step < total_steps:
             checkpoint.save(engine, ckpt_root, step, rank, config.checkpoint.keep_last)
