@@ -1,0 +1,293 @@
+"""The two-step generation pipeline, shared by every backend.
+
+Work items are a pure function of the seed (and, for asymmetric categories, of the brainstormed
+task list): re-running the same command regenerates the same items, and finished shards are
+skipped, so a killed run continues without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from synth.backends import Backend, ChatRequest
+from synth.filters import RecordFilter, normalise
+from synth.parse import ParseError, parse_example, parse_tasks, to_record
+from synth.prompts import brainstorm_schema, example_schema, render, template_hashes
+from synth.store import ShardStore, atomic_write, merge_stats
+from synth.taxonomy import Taxonomy
+
+logger = logging.getLogger("synth")
+CRASH_ENV = "SYNTH_CRASH_AFTER_SHARD"
+TASKS_PER_BRAINSTORM = 20
+
+
+@dataclass
+class Settings:
+    out: str
+    model: str = "default"
+    backend: str = "transformers"
+    seed: int = 0
+    num_tasks: int = 4
+    examples_per_task: int = 2
+    categories: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    max_attempts: int = 3
+    shard_size: int = 64
+    num_shards: int = 1
+    shard_index: int = 0
+    taxonomy: str | None = None
+    tasks_file: str | None = None
+    decontaminate: str | None = None
+    max_field_chars: int | None = None
+
+    def run_key(self) -> dict:
+        """Settings that must match for a rerun to continue an existing output folder."""
+        key = asdict(self)
+        key.pop("out")
+        key.pop("max_attempts")
+        return key
+
+
+def _key(*parts) -> list[int]:
+    return [zlib.crc32(str(p).encode()) if not isinstance(p, int) else p for p in parts]
+
+
+def _rng(settings: Settings, *parts) -> np.random.Generator:
+    return np.random.default_rng(_key(settings.seed, *parts))
+
+
+def _seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**31 - 1))
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, backend_factory) -> None:
+        self.s = settings
+        self.backend_factory = backend_factory
+        self._backend: Backend | None = None
+        self.taxonomy = Taxonomy.load(settings.taxonomy).restrict(settings.categories or None,
+                                                                  settings.languages or None)
+        self.out = Path(settings.out)
+        self.part = f"part{settings.shard_index:03d}of{settings.num_shards:03d}"
+        self.store = ShardStore(self.out, self.part)
+        self.started = time.perf_counter()
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self.backend_factory()
+        return self._backend
+
+    # ------------------------------------------------------------------ settings check
+    @property
+    def manifest_path(self) -> Path:
+        # Data-parallel processes share --out; each keeps its own manifest.
+        return self.out / ("manifest.json" if self.s.num_shards == 1 else f"manifest.{self.part}.json")
+
+    def check_output_folder(self) -> None:
+        manifest = self.manifest_path
+        if manifest.is_file():
+            previous = json.loads(manifest.read_text()).get("run_key")
+            if previous is not None and previous != self.s.run_key():
+                changed = sorted(k for k in set(previous) | set(self.s.run_key())
+                                 if previous.get(k) != self.s.run_key().get(k))
+                raise ValueError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
+                                 "use another --out or the same settings")
+
+    # ------------------------------------------------------------------ brainstorm
+    def brainstorm(self) -> dict[str, list[str]]:
+        path = self.out / "brainstorm.json"
+        wanted = [c for c in self.taxonomy.categories.values() if c.brainstorm]
+        user: dict[str, list[str]] = {}
+        if self.s.tasks_file:
+            user = json.loads(Path(self.s.tasks_file).read_text(encoding="utf-8"))
+        if path.is_file():
+            return json.loads(path.read_text())["tasks"]
+        tasks: dict[str, list[str]] = {}
+        stats = Counter()
+        for cat in wanted:
+            if cat.name in user:
+                tasks[cat.name] = list(dict.fromkeys(user[cat.name]))[: self.s.num_tasks]
+                continue
+            found: dict[str, str] = {}
+            per = min(TASKS_PER_BRAINSTORM, self.s.num_tasks)
+            for attempt in range(self.s.max_attempts):
+                need = self.s.num_tasks - len(found)
+                if need <= 0:
+                    break
+                requests = []
+                for r in range(math.ceil(need / per)):
+                    rng = _rng(self.s, "brainstorm", cat.name, attempt, r)
+                    requests.append(ChatRequest(render(f"brainstorm_{cat.name}", count=per), brainstorm_schema(per, self.s.max_field_chars),
+                                                _seed(rng), self.s.max_tokens, self.s.temperature, self.s.top_p))
+                for gen in self.backend.generate(requests):
+                    stats["tokens_in"] += gen.tokens_in
+                    stats["tokens_out"] += gen.tokens_out
+                    try:
+                        for task in parse_tasks(gen.text):
+                            found.setdefault(normalise(task), task)
+                    except ParseError as err:
+                        stats[f"rejected_{err.reason}"] += 1
+            tasks[cat.name] = list(found.values())[: self.s.num_tasks]
+            if len(tasks[cat.name]) < self.s.num_tasks:
+                logger.warning("brainstorm for %s gave %d of %d tasks", cat.name, len(tasks[cat.name]),
+                               self.s.num_tasks)
+        atomic_write(path, json.dumps({"tasks": tasks, "stats": dict(stats)}, indent=2, ensure_ascii=False))
+        return tasks
+
+    # ------------------------------------------------------------------ work items
+    def items(self, tasks: dict[str, list[str]]) -> list[dict]:
+        languages = list(self.taxonomy.languages)
+        weights = np.asarray([self.taxonomy.languages[l] for l in languages], dtype=float)
+        weights /= weights.sum()
+        items = []
+        for cat in self.taxonomy.categories.values():
+            cat_tasks = tasks.get(cat.name, []) if cat.brainstorm else [None] * self.s.num_tasks
+            for ti, task in enumerate(cat_tasks):
+                for ei in range(self.s.examples_per_task):
+                    rng = _rng(self.s, "example", cat.name, ti, ei)
+                    language = languages[int(rng.choice(len(languages), p=weights))]
+                    params = {p: self.taxonomy.parameters[p][int(rng.integers(len(self.taxonomy.parameters[p])))]
+                              for p in cat.params}
+                    if cat.name == "bitext":
+                        params["target_language"] = "English" if language != "English" else "Chinese"
+                    items.append({"id": f"{cat.name}-{ti:04d}-{ei:03d}", "category": cat.name, "task": task,
+                                  "language": language, "params": params, "seed": _seed(rng)})
+        return [it for i, it in enumerate(items) if i % self.s.num_shards == self.s.shard_index]
+
+    def _request(self, item: dict, attempt: int) -> ChatRequest:
+        values = {"task": item["task"], "language": item["language"], **item["params"]}
+        return ChatRequest(render(f"example_{item['category']}", **values), example_schema(item["category"], self.s.max_field_chars),
+                           item["seed"] + attempt * 1_000_003, self.s.max_tokens, self.s.temperature, self.s.top_p)
+
+    # ------------------------------------------------------------------ shards
+    def run_shard(self, index: int, items: list[dict], filt: RecordFilter) -> dict:
+        started = time.perf_counter()
+        stats = {"generated": len(items), "accepted": 0, "rejected": 0, "tokens_in": 0, "tokens_out": 0,
+                 "attempts": 0, "accepted_by_category": Counter(), "generated_by_category": Counter(),
+                 "accepted_by_language": Counter(), "rejected_by_reason": Counter()}
+        parsed: dict[str, dict] = {}
+        failure: dict[str, str] = {}
+        raw: list[dict] = []
+        pending = list(items)
+        for attempt in range(self.s.max_attempts):
+            if not pending:
+                break
+            gens = self.backend.generate([self._request(it, attempt) for it in pending])
+            retry = []
+            for item, gen in zip(pending, gens):
+                stats["attempts"] += 1
+                stats["tokens_in"] += gen.tokens_in
+                stats["tokens_out"] += gen.tokens_out
+                row = {"id": item["id"], "attempt": attempt, "text": gen.text, "finish_reason": gen.finish_reason,
+                       "tokens_in": gen.tokens_in, "tokens_out": gen.tokens_out, "requests": gen.attempts}
+                try:
+                    if gen.error:
+                        raise ParseError("backend_error", gen.error)
+                    parsed[item["id"]] = parse_example(gen.text, item["category"])
+                    row["status"] = "parsed"
+                except ParseError as err:
+                    failure[item["id"]] = err.reason
+                    row["status"] = err.reason
+                    retry.append(item)
+                raw.append(row)
+            pending = retry
+        records = []
+        for item in items:
+            stats["generated_by_category"][item["category"]] += 1
+            if item["id"] not in parsed:
+                reason = failure[item["id"]]
+            else:
+                record = to_record(item["category"], parsed[item["id"]], item["task"], item["language"],
+                                   {"id": item["id"], "params": item["params"], "seed": item["seed"]})
+                reason = filt.check(record, item["id"])
+                if reason is None:
+                    _validate(record)
+                    records.append(record)
+                    stats["accepted"] += 1
+                    stats["accepted_by_category"][item["category"]] += 1
+                    stats["accepted_by_language"][item["language"]] += 1
+                    continue
+            stats["rejected"] += 1
+            stats["rejected_by_reason"][reason] += 1
+            raw.append({"id": item["id"], "status": f"rejected:{reason}"})
+        stats["wall_time_s"] = time.perf_counter() - started
+        stats = {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+        self.store.write(index, records, raw, stats)
+        return stats
+
+    def run(self, progress: bool = True) -> dict:
+        self.check_output_folder()
+        self.write_manifest(complete=False)
+        tasks = self.brainstorm() if any(c.brainstorm for c in self.taxonomy.categories.values()) else {}
+        items = self.items(tasks)
+        shards = [items[i : i + self.s.shard_size] for i in range(0, len(items), self.s.shard_size)]
+        filt = RecordFilter(decontaminate=self.s.decontaminate, seed=self.s.seed)
+        for index in range(len(shards)):  # rebuild the duplicate index from finished shards
+            if self.store.done(index):
+                for record in self.store.records(index):
+                    filt.remember(record, record["meta"]["id"])
+        from tqdm.auto import tqdm
+
+        done_items = sum(len(s) for i, s in enumerate(shards) if self.store.done(i))
+        bar = tqdm(total=len(items), initial=done_items, desc="synth", unit="example", disable=not progress)
+        for index, shard in enumerate(shards):
+            if self.store.done(index):
+                continue
+            self.run_shard(index, shard, filt)
+            bar.update(len(shard))
+            self.write_manifest(complete=False, num_shards=len(shards))
+            if os.environ.get(CRASH_ENV) == str(index):
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+        bar.close()
+        return self.write_manifest(complete=True, num_shards=len(shards))
+
+    def write_manifest(self, complete: bool, num_shards: int | None = None) -> dict:
+        totals = merge_stats(self.store.all_stats())
+        brainstorm = self.out / "brainstorm.json"
+        manifest = {
+            "run_key": self.s.run_key(),
+            "model": self.s.model,
+            "backend": self._backend.describe() if self._backend is not None else {"backend": self.s.backend},
+            "sampling": {"temperature": self.s.temperature, "top_p": self.s.top_p, "max_tokens": self.s.max_tokens,
+                         "max_attempts": self.s.max_attempts},
+            "seed": self.s.seed,
+            "categories": list(self.taxonomy.categories),
+            "template_hashes": template_hashes(),
+            "taxonomy_sha256": hashlib.sha256(json.dumps(asdict_taxonomy(self.taxonomy), sort_keys=True).encode()).hexdigest()[:16],
+            "brainstorm": ({k: len(v) for k, v in json.loads(brainstorm.read_text())["tasks"].items()}
+                           if brainstorm.is_file() else None),
+            "shards_done": len(self.store.all_stats()),
+            "shards_total": num_shards,
+            "complete": complete,
+            "totals": totals,
+        }
+        atomic_write(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        return manifest
+
+
+def asdict_taxonomy(tax: Taxonomy) -> dict:
+    return {"categories": {k: [v.brainstorm, list(v.params)] for k, v in tax.categories.items()},
+            "parameters": tax.parameters, "languages": tax.languages}
+
+
+def _validate(record: dict) -> None:
+    """Every record must load in the trainer's reader unchanged."""
+    from llmembed.data.schema import parse_record
+
+    parse_record(record)

@@ -1,0 +1,139 @@
+"""synth building blocks: taxonomy, work items, templates, parsing, filters, storage."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+
+from llmembed.data.schema import parse_record
+from synth.filters import RecordFilter
+from synth.parse import ParseError, parse_example, parse_tasks, to_record
+from synth.pipeline import Pipeline, Settings
+from synth.prompts import FIELDS, TEMPLATE_DIR, brainstorm_schema, example_schema, render
+from synth.store import ShardStore
+from synth.taxonomy import Taxonomy
+
+EXAMPLES = {
+    "short_long": {"user_query": "best hiking boots", "positive_document": "Our review of hiking boots ...",
+                   "hard_negative_document": "Running shoes are light ..."},
+    "long_short": {"input_text": "The movie was a delight from start to end.", "label": "positive",
+                   "misleading_label": "negative"},
+    "short_short": {"input": "how to boil eggs", "positive_document": "boiling eggs quickly"},
+    "long_long": {"input": "A long abstract about graphs.", "positive_document": "Another abstract on graphs."},
+    "sts": {"S1": "A cat sits on a mat.", "S2": "A cat is sitting on a rug.", "S3": "A dog runs in a park."},
+    "bitext": {"S1": "Good morning", "S2": "早上好", "S3": "晚上好"},
+}
+
+
+def test_taxonomy_is_data_with_english_and_chinese():
+    tax = Taxonomy.load()
+    assert list(tax.categories) == ["short_long", "long_short", "short_short", "long_long", "sts", "bitext"]
+    assert {"English", "Chinese"} <= set(tax.languages)
+    assert tax.languages["English"] > tax.languages["Swedish"]
+    assert tax.parameters["num_words"] == [50, 100, 200, 300, 400, 500]
+    assert [c for c in tax.categories.values() if not c.brainstorm] == [tax.categories["sts"], tax.categories["bitext"]]
+    with pytest.raises(ValueError, match="unknown categories"):
+        tax.restrict(["poetry"], None)
+
+
+def test_templates_put_fixed_text_first():
+    for path in TEMPLATE_DIR.glob("*.txt"):
+        text = path.read_text()
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f]
+        assert fields, path
+        first = text.index("{")
+        assert first > len(text) * 0.5, f"{path.name}: variable part starts too early"
+
+
+def test_schemas_bound_every_string():
+    for category in FIELDS:
+        schema = example_schema(category)
+        assert all("maxLength" in p for p in schema["properties"].values())
+        assert schema["required"] == list(FIELDS[category])
+    assert brainstorm_schema(5)["properties"]["tasks"]["maxItems"] == 5
+
+
+def test_work_items_are_deterministic_and_sharded(tmp_path):
+    settings = Settings(out=str(tmp_path), seed=7, num_tasks=3, examples_per_task=4, categories=["sts", "bitext"])
+    items = Pipeline(settings, lambda: None).items({})
+    again = Pipeline(settings, lambda: None).items({})
+    assert items == again and len(items) == 2 * 3 * 4
+    assert len({i["id"] for i in items}) == len(items)
+    assert all(i["params"]["target_language"] != i["language"] for i in items if i["category"] == "bitext")
+    other = Pipeline(Settings(out=str(tmp_path), seed=8, num_tasks=3, examples_per_task=4,
+                              categories=["sts", "bitext"]), lambda: None).items({})
+    assert [i["seed"] for i in other] != [i["seed"] for i in items]
+    parts = [Pipeline(Settings(out=str(tmp_path), seed=7, num_tasks=3, examples_per_task=4,
+                               categories=["sts", "bitext"], num_shards=3, shard_index=k), lambda: None).items({})
+             for k in range(3)]
+    assert sorted(i["id"] for p in parts for i in p) == sorted(i["id"] for i in items)
+
+
+def test_render_fills_every_placeholder():
+    messages = render("example_short_long", task="Find recipes", query_type="common", query_length="short",
+                      clarity="clear", num_words=50, difficulty="college", language="English")
+    assert messages[0]["role"] == "user" and "Find recipes" in messages[0]["content"]
+    assert "{" not in messages[0]["content"]
+
+
+@pytest.mark.parametrize("category", list(EXAMPLES))
+def test_parse_and_map_every_category(category):
+    fields = parse_example(json.dumps(EXAMPLES[category]), category)
+    record = to_record(category, fields, "A task" if category not in ("sts", "bitext") else None, "English", {"id": "x"})
+    parsed = parse_record(record)  # the trainer's reader accepts it unchanged
+    assert parsed.query == record["query"] and parsed.instruction
+    if category in ("short_short", "long_long"):
+        assert parsed.negatives == []
+    else:
+        assert len(parsed.negatives) == 1
+
+
+def test_parse_is_strict():
+    with pytest.raises(ParseError) as err:
+        parse_example('{"S1": "a", "S2": "b"', "sts")
+    assert err.value.reason == "invalid_json"
+    with pytest.raises(ParseError) as err:
+        parse_example('{"S1": "a", "S2": "b"}', "sts")
+    assert err.value.reason == "missing_field"
+    with pytest.raises(ParseError) as err:
+        parse_example('{"S1": "a", "S2": 3, "S3": "c"}', "sts")
+    assert err.value.reason == "wrong_type"
+    assert parse_example('```json\n{"S1": "a", "S2": "b", "S3": "c"}\n```', "sts")["S3"] == "c"
+    assert parse_tasks('{"tasks": ["Find x", " ", "Find y"]}') == ["Find x", "Find y"]
+    with pytest.raises(ParseError):
+        parse_example("__import__('os')", "sts")
+
+
+def _rec(query, positive, negatives=("n",), task="short_long"):
+    return {"query": query, "positive": positive, "negatives": list(negatives), "task": task}
+
+
+def test_filters_count_every_reason(tmp_path):
+    evals = tmp_path / "eval.txt"
+    evals.write_text("the quick brown fox jumps over the lazy dog near the river bank today\n")
+    f = RecordFilter(decontaminate=evals)
+    assert f.check(_rec("", "p"), "a") == "empty_field"
+    assert f.check(_rec("ab", "positive text"), "b") == "too_short"
+    assert f.check(_rec("what is the boiling point of water", "The boiling point: what is the boiling point of water "
+                        "at sea level? 100 C."), "c") == "query_copied_into_document"
+    assert f.check(_rec("query one", "same text", ["Same text!"]), "d") == "positive_equals_negative"
+    assert f.check(_rec("tell me", "the quick brown fox jumps over the lazy dog near the river bank"), "e") == "contaminated"
+    good = _rec("how do volcanoes form", "Volcanoes form where magma rises through the crust and erupts at the surface.")
+    assert f.check(good, "f") is None
+    assert f.check(dict(good), "g") == "duplicate"
+    near = _rec("how do volcanoes form?", "Volcanoes form where magma rises through the crust and erupts at the surface!")
+    assert f.check(near, "h") in ("duplicate", "near_duplicate")
+    other = _rec("why is the sea salty", "Rivers carry dissolved minerals into the oceans, where they accumulate.")
+    assert f.check(other, "i") is None
+
+
+def test_store_writes_shards_once(tmp_path):
+    store = ShardStore(tmp_path, "part000of001")
+    assert not store.done(0)
+    store.write(0, [{"query": "q"}], [{"id": "x"}], {"generated": 1})
+    assert store.done(0) and store.records(0) == [{"query": "q"}]
+    with pytest.raises(RuntimeError, match="never rewritten"):
+        store.write(0, [], [], {})
+    assert not list(tmp_path.rglob(".*"))  # no temp files left behind
