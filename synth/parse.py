@@ -7,6 +7,7 @@ import re
 
 from synth.prompts import FIELDS
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
 
 # Instructions attached to symmetric categories (the E5-mistral wording, in our own words).
@@ -29,7 +30,9 @@ def parse_object(text: str) -> dict:
     if match:  # unconstrained endpoints like to wrap JSON in a code fence
         text = match.group(1)
     try:
-        obj = json.loads(text)
+        # strict=False admits raw control characters inside strings (grammar engines let them
+        # through); they are stripped from the fields below. Still JSON only, never eval.
+        obj = json.loads(text, strict=False)
     except json.JSONDecodeError as err:
         raise ParseError("invalid_json", err.msg) from None
     if not isinstance(obj, dict):
@@ -42,7 +45,7 @@ def parse_tasks(text: str) -> list[str]:
     tasks = obj.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise ParseError("wrong_type", "tasks must be a list of strings")
-    return [t.strip() for t in tasks if t.strip()]
+    return [_CONTROL.sub("", t).strip() for t in tasks if _CONTROL.sub("", t).strip()]
 
 
 def parse_example(text: str, category: str) -> dict[str, str]:
@@ -54,7 +57,7 @@ def parse_example(text: str, category: str) -> dict[str, str]:
         value = obj[name]
         if not isinstance(value, str):
             raise ParseError("wrong_type", name)
-        out[name] = value.strip()
+        out[name] = _CONTROL.sub("", value).strip()
     return out
 
 

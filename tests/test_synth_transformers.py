@@ -29,7 +29,7 @@ def random_lm(tmp_path_factory, default_dir):
 
 def _parse_rate(backend, n, schema_category="short_short"):
     requests = [ChatRequest(render("example_short_short", task="Match questions", language="English"),
-                            example_schema(schema_category, max_chars=48), seed=i, max_tokens=96) for i in range(n)]
+                            example_schema(schema_category, max_chars=48), seed=i, max_tokens=320) for i in range(n)]
     ok = 0
     for gen in backend.generate(requests):
         try:

@@ -57,7 +57,8 @@ class TransformersBackend(Backend):
             self._compiler = xgr.GrammarCompiler(info)
         key = json.dumps(schema, sort_keys=True)
         if key not in self._grammars:
-            self._grammars[key] = self._compiler.compile_json_schema(key)
+            # No free whitespace between JSON tokens: a small model cannot waste its budget on it.
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
         return self._grammars[key]
 
     def generate(self, requests: list[ChatRequest]) -> list[Generation]:
