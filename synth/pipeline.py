@@ -140,13 +140,20 @@ class Pipeline:
                     stats["tokens_out"] += gen.tokens_out
                     try:
                         for task in parse_tasks(gen.text):
-                            found.setdefault(normalise(task), task)
+                            if plausible_task(task):
+                                found.setdefault(normalise(task), task)
+                            else:
+                                stats["rejected_implausible_task"] += 1
                     except ParseError as err:
                         stats[f"rejected_{err.reason}"] += 1
+            if len(found) < self.s.num_tasks:
+                logger.warning("brainstorm for %s gave %d of %d tasks; filling from the taxonomy's seed tasks",
+                               cat.name, len(found), self.s.num_tasks)
+                for task in cat.seed_tasks:
+                    if len(found) < self.s.num_tasks and normalise(task) not in found:
+                        found[normalise(task)] = task
+                        stats[f"seed_tasks_used_{cat.name}"] += 1
             tasks[cat.name] = list(found.values())[: self.s.num_tasks]
-            if len(tasks[cat.name]) < self.s.num_tasks:
-                logger.warning("brainstorm for %s gave %d of %d tasks", cat.name, len(tasks[cat.name]),
-                               self.s.num_tasks)
         atomic_write(path, json.dumps({"tasks": tasks, "stats": dict(stats)}, indent=2, ensure_ascii=False))
         return tasks
 
@@ -233,6 +240,9 @@ class Pipeline:
 
     def run(self, progress: bool = True) -> dict:
         self.check_output_folder()
+        previous = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+        if not previous.get("complete"):
+            self.backend  # load it now: a missing package or a bad model fails before any work
         self.write_manifest(complete=False)
         tasks = self.brainstorm() if any(c.brainstorm for c in self.taxonomy.categories.values()) else {}
         items = self.items(tasks)
@@ -279,6 +289,12 @@ class Pipeline:
         }
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
         return manifest
+
+
+def plausible_task(task: str) -> bool:
+    """A task definition reads like a sentence: several words, mostly letters."""
+    letters = sum(c.isalpha() for c in task)
+    return len(task.split()) >= 3 and letters >= 0.6 * len(task.replace(" ", ""))
 
 
 def asdict_taxonomy(tax: Taxonomy) -> dict:

@@ -15,6 +15,7 @@ class Category:
     name: str
     brainstorm: bool
     params: tuple[str, ...]
+    seed_tasks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Taxonomy:
             unknown = [p for p in spec.get("params", []) if p not in parameters]
             if unknown:
                 raise ValueError(f"{path}: category {name} uses undefined parameters {unknown}")
-            categories[name] = Category(name, bool(spec.get("brainstorm", False)), tuple(spec.get("params", [])))
+            categories[name] = Category(name, bool(spec.get("brainstorm", False)), tuple(spec.get("params", [])),
+                                        tuple(spec.get("seed_tasks", [])))
         languages = {str(k): float(v) for k, v in data["languages"].items()}
         for required in ("English", "Chinese"):
             languages.setdefault(required, 1.0)
