@@ -17,6 +17,7 @@ from synth.parse import ParseError, parse_example
 from synth.prompts import example_schema, render
 
 from .conftest import save_tiny
+from .processes import run_group
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, reason="needs xgrammar")
 
@@ -58,18 +59,8 @@ def _run(out, env_extra=None, check=True, model=None):
            "--shard-size", "4", "--max-tokens", "128", "--max-field-chars", "32", "--batch-size", "6",
            "--no-progress"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(env_extra or {}))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if check:
-        assert proc.returncode == 0, output[-4000:]
-    return proc.returncode, output
+    run = run_group(cmd, env, None, 600, "synth", check=check)
+    return run.returncode, run.stdout
 
 
 def _records(out):

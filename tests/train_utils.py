@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+
+from .processes import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["apple", "river", "guitar", "planet", "doctor", "castle", "winter", "ocean", "train", "garden",
@@ -73,22 +74,7 @@ def launch(config: Path, procs: int = 1, launcher: str = "torchrun", extra: list
         cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, *script]
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, cwd=config.parent, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"training timed out:\n{out[-5000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{out[-8000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_group(cmd, full_env, config.parent, timeout, "training", check)
 
 
 def metrics(run_dir: Path) -> list[dict]:

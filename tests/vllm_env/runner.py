@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from ..processes import run_group
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -42,21 +43,7 @@ def vllm_env(tmp: Path) -> dict[str, str]:
 
 
 def run_in_vllm(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([vllm_python(), *args], env=vllm_env(tmp), cwd=tmp, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise AssertionError(f"vLLM run timed out after {timeout}s:\n{output[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if proc.returncode != 0:
-        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{output[-6000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, output, "")
+    return run_group([vllm_python(), *args], vllm_env(tmp), tmp, timeout, "vLLM run")
 
 
 def vllm_embed(model_dir: Path, texts: list[str], tmp: Path, hf_overrides: dict | None = None) -> dict:
