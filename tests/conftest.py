@@ -81,3 +81,13 @@ def tiny_llama_dir(tmp_path_factory, default_dir) -> Path:
     attention kernels accept it."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", default_dir, vocab_size=49152,
                      hidden_size=128, heads=2, kv_heads=1)
+
+
+def perturb_trained_weights(model, seed: int) -> None:
+    """Make LoRA B matrices and the pooling head non-zero, as training would, so that exports
+    and reloads are checked with weights that actually change the vectors."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("pooling."):
+                p.add_(torch.randn_like(p) * 0.05)

@@ -15,6 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
 from llmembed.export import ExportError, export
 
+from .conftest import perturb_trained_weights
+
 QUERIES = ["what is the capital of France?", "how do plants make food", "why is the sky blue at noon?", "x"]
 PASSAGES = ["Paris is the capital and largest city of France.", "Photosynthesis makes sugar from light.",
             "Rayleigh scattering favours short wavelengths, so the sky looks blue.", "ok"]
@@ -34,11 +36,7 @@ def trained_model(path, kind, bidirectional, include_instruction=True, lora=True
     )
     config.prompts.default_instruction = INSTRUCTION
     model = EmbeddingModel.build(config)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.startswith("pooling."):
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_trained_weights(model, seed=7)
     return model
 
 
@@ -50,8 +48,7 @@ def test_sentence_transformers_matches_our_encode(tiny_llama_dir, tmp_path, kind
     from sentence_transformers import SentenceTransformer
 
     model = trained_model(tiny_llama_dir, kind, bidirectional)
-    lora_effect = np.abs(model.encode(PASSAGES) - model.encode(PASSAGES)).max()
-    assert lora_effect == 0.0
+    assert np.array_equal(model.encode(PASSAGES), model.encode(PASSAGES))  # encode is deterministic
     model.save(tmp_path / "trained")
     out = export(tmp_path / "trained", tmp_path / "export")
 

@@ -11,6 +11,8 @@ import torch
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
 from llmembed.backbone import BackboneError
 
+from .conftest import perturb_trained_weights
+
 QUERIES = ["what is the capital of France?", "how do plants make food", "x", "why is the sky blue at noon?"]
 PASSAGES = ["Paris is the capital and largest city of France.", "Photosynthesis makes sugar from light.",
             "Rayleigh scattering favours short wavelengths, so the sky looks blue.", "ok"]
@@ -24,11 +26,7 @@ def _build(path, kind="last_token", lora=None, bidirectional=False, **kw):
         **kw,
     )
     model = EmbeddingModel.build(config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.startswith("pooling."):
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_trained_weights(model, seed=1)
     return model
 
 
