@@ -39,9 +39,9 @@ if [ "$WITH_VLLM" = 1 ] && [ "$(cat .venv-vllm/.llmembed-stamp 2>/dev/null)" != 
   # Their CUDA builds break `import vllm` on a CPU machine; vLLM does not need them for text.
   .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
   # synth runs inside this environment for the vllm backend: our code without our pins
-  # (vLLM brings torch and transformers), plus the near-duplicate filter.
+  # (vLLM brings torch and transformers), plus the near-duplicate filter and schema validation.
   .venv-vllm/bin/pip install -q --no-deps -e .
-  .venv-vllm/bin/pip install -q "datasketch==2.0.0"
+  .venv-vllm/bin/pip install -q "datasketch==2.0.0" "jsonschema==4.26.0"
   echo "$stamp" > .venv-vllm/.llmembed-stamp
 fi
 echo "[setup] ready"

@@ -15,12 +15,11 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmembed.assets import DEFAULT_ALIASES, default_backbone_dir
+from llmembed.resolve import ModelPathError, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +92,12 @@ def resolve_attn_implementation(name: str) -> str:
 
 
 def resolve_backbone_path(name_or_path: str) -> str:
-    """Map ``default``/aliases to the converted packaged model; keep local folders and hub ids."""
-    if name_or_path in DEFAULT_ALIASES:
-        return str(default_backbone_dir())
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise BackboneError(f"backbone.name_or_path: {path} has no config.json; is it a Hugging Face model folder?")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")):
-        raise BackboneError(f"backbone.name_or_path: folder {name_or_path} does not exist")
-    return name_or_path  # a hub id; transformers reports a clear error when offline
+    """``llmembed.resolve.resolve_model_path`` (shared with synth), with its error reported as
+    a backbone setting."""
+    try:
+        return resolve_model_path(name_or_path)
+    except ModelPathError as err:
+        raise BackboneError(f"backbone.name_or_path: {err}") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

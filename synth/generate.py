@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-url", help="openai backend: e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai backend: env var holding the key")
     p.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
-    p.add_argument("--max-retries", type=int, default=5, help="openai backend: retries per request")
-    p.add_argument("--retry-backoff", type=float, default=1.0, help="openai backend: first retry delay (doubles)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="openai backend: retries per request (the client's exponential backoff with jitter)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not 0 <= args.shard_index < args.num_shards:
@@ -66,7 +66,7 @@ def backend_factory(args: argparse.Namespace):
                                   seed=args.seed, dtype=args.dtype, enforce_eager=args.enforce_eager,
                                   max_model_len=args.max_model_len)
         return create_backend("openai", model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                              concurrency=args.concurrency, max_retries=args.max_retries, backoff=args.retry_backoff)
+                              concurrency=args.concurrency, max_retries=args.max_retries)
 
     return make
 
@@ -91,6 +91,9 @@ def summary_table(manifest: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The OpenAI client logs each retry (and its delay) at INFO; show them, so a wait on a
+    # starting server is visible. It logs nothing else at INFO and filters auth headers.
+    logging.getLogger("openai._base_client").setLevel(logging.INFO)
     settings = Settings(
         out=args.out, model=args.model, backend=args.backend, seed=args.seed, num_tasks=args.num_tasks,
         examples_per_task=args.examples_per_task, categories=args.categories, languages=args.languages,

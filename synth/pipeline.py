@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import signal
 import time
 import zlib
 from collections import Counter
@@ -29,7 +27,6 @@ from synth.store import ShardStore, atomic_write, merge_stats
 from synth.taxonomy import Taxonomy
 
 logger = logging.getLogger("synth")
-CRASH_ENV = "SYNTH_CRASH_AFTER_SHARD"
 TASKS_PER_BRAINSTORM = 20
 
 
@@ -135,11 +132,11 @@ class Pipeline:
                     rng = _rng(self.s, "brainstorm", cat.name, attempt, r)
                     requests.append(ChatRequest(render(f"brainstorm_{cat.name}", count=per), brainstorm_schema(per, self.s.max_field_chars),
                                                 _seed(rng), self.s.max_tokens, self.s.temperature, self.s.top_p))
-                for gen in self.backend.generate(requests):
+                for request, gen in zip(requests, self.backend.generate(requests), strict=True):
                     stats["tokens_in"] += gen.tokens_in
                     stats["tokens_out"] += gen.tokens_out
                     try:
-                        for task in parse_tasks(gen.text):
+                        for task in parse_tasks(gen.text, request.schema):
                             if plausible_task(task):
                                 found.setdefault(normalise(task), task)
                             else:
@@ -195,9 +192,10 @@ class Pipeline:
         for attempt in range(self.s.max_attempts):
             if not pending:
                 break
-            gens = self.backend.generate([self._request(it, attempt) for it in pending])
+            requests = [self._request(it, attempt) for it in pending]
+            gens = self.backend.generate(requests)
             retry = []
-            for item, gen in zip(pending, gens):
+            for item, request, gen in zip(pending, requests, gens, strict=True):
                 stats["attempts"] += 1
                 stats["tokens_in"] += gen.tokens_in
                 stats["tokens_out"] += gen.tokens_out
@@ -206,7 +204,8 @@ class Pipeline:
                 try:
                     if gen.error:
                         raise ParseError("backend_error", gen.error)
-                    parsed[item["id"]] = parse_example(gen.text, item["category"])
+                    # The schema it was decoded with: enforced here for unconstrained endpoints too.
+                    parsed[item["id"]] = parse_example(gen.text, item["category"], request.schema)
                     row["status"] = "parsed"
                 except ParseError as err:
                     failure[item["id"]] = err.reason
@@ -262,8 +261,6 @@ class Pipeline:
             self.run_shard(index, shard, filt)
             bar.update(len(shard))
             self.write_manifest(complete=False, num_shards=len(shards))
-            if os.environ.get(CRASH_ENV) == str(index):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         bar.close()
         return self.write_manifest(complete=True, num_shards=len(shards))
 

@@ -31,7 +31,7 @@ def _llmembed_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_dir(_llmembed_cache) -> Path:
-    from llmembed.assets import default_backbone_dir
+    from llmembed.resolve import default_backbone_dir
 
     return default_backbone_dir()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmembed import EmbeddingModel, EmbeddingModelConfig, PoolingConfig
-from llmembed.assets import GGUF_FILE, default_backbone_dir
+from llmembed.resolve import GGUF_FILE, default_backbone_dir
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import string
 import pytest
 
 from llmembed.data.schema import parse_record
-from synth.filters import RecordFilter
+from synth.filters import RecordFilter, normalise, shingles
 from synth.parse import ParseError, parse_example, parse_tasks, to_record
 from synth.pipeline import Pipeline, Settings
 from synth.prompts import FIELDS, TEMPLATE_DIR, brainstorm_schema, example_schema, render
@@ -106,6 +106,32 @@ def test_parse_is_strict():
         parse_example("__import__('os')", "sts")
 
 
+def _reason(parse, *args) -> str:
+    with pytest.raises(ParseError) as err:
+        parse(*args)
+    return err.value.reason
+
+
+def test_parse_enforces_the_decoding_schema():
+    """The schema a request was decoded with also bounds what an unconstrained endpoint returns."""
+    schema = example_schema("sts", max_chars=20)
+    ok = {"S1": "A cat sits on a mat.", "S2": "A cat on a rug.", "S3": "A dog runs."}  # S1: exactly 20 chars
+    assert parse_example(json.dumps(ok), "sts", schema) == ok
+    assert _reason(parse_example, json.dumps(dict(ok, S2="A cat is sitting on a rug.")), "sts", schema) == "field_too_long"
+    assert parse_example(json.dumps(dict(ok, S2="A cat is sitting on a rug.")), "sts")["S2"]  # the full-length default
+    assert _reason(parse_example, json.dumps(dict(ok, S3=3)), "sts", schema) == "wrong_type"
+    assert _reason(parse_example, json.dumps(dict(ok, S3=["A dog runs."])), "sts", schema) == "wrong_type"
+    assert _reason(parse_example, json.dumps(dict(ok, S1="")), "sts", schema) == "field_too_short"
+    assert _reason(parse_example, json.dumps(dict(ok, S4="extra")), "sts", schema) == "extra_field"
+    assert _reason(parse_example, json.dumps({"S1": "a", "S2": "b"}), "sts", schema) == "missing_field"
+    tasks = brainstorm_schema(2, max_chars=30)
+    assert parse_tasks('{"tasks": ["Find recipes for a dish", "Match questions"]}', tasks) == [
+        "Find recipes for a dish", "Match questions"]
+    assert _reason(parse_tasks, '{"tasks": ["a", "b", "c"]}', tasks) == "too_many_items"
+    assert _reason(parse_tasks, json.dumps({"tasks": ["Retrieve " + "x" * 22]}), tasks) == "field_too_long"
+    assert _reason(parse_tasks, '{"tasks": "Find x"}') == "wrong_type"
+
+
 def _rec(query, positive, negatives=("n",), task="short_long"):
     return {"query": query, "positive": positive, "negatives": list(negatives), "task": task}
 
@@ -123,10 +149,29 @@ def test_filters_count_every_reason(tmp_path):
     good = _rec("how do volcanoes form", "Volcanoes form where magma rises through the crust and erupts at the surface.")
     assert f.check(good, "f") is None
     assert f.check(dict(good), "g") == "duplicate"
-    near = _rec("how do volcanoes form?", "Volcanoes form where magma rises through the crust and erupts at the surface!")
-    assert f.check(near, "h") in ("duplicate", "near_duplicate")
+    same_normalised = _rec("how do volcanoes form?", "Volcanoes form where magma rises through the crust and erupts "
+                           "at the surface!")
+    assert f.check(same_normalised, "h") == "duplicate"
     other = _rec("why is the sea salty", "Rivers carry dissolved minerals into the oceans, where they accumulate.")
     assert f.check(other, "i") is None
+
+
+def test_near_duplicate_paraphrase_reaches_minhash():
+    """A reworded record, not equal after normalisation, with a high word-shingle Jaccard: only
+    MinHash LSH can catch it."""
+    f = RecordFilter()
+    query = "how do volcanoes form"
+    text = ("Volcanoes form where magma from the mantle rises through cracks in the crust, collects in a chamber "
+            "below the surface and finally erupts as lava, ash and gas when the pressure becomes too high to hold.")
+    reworded = text.replace("too high to hold.", "too high to hold back.")
+    assert normalise(text) != normalise(reworded)
+    a, b = shingles(f"{query} {text}"), shingles(f"{query} {reworded}")
+    assert len(a & b) / len(a | b) > 0.95  # the filter's threshold is 0.85
+    assert f.check(_rec(query, text), "a") is None
+    assert f.check(_rec(query, reworded), "b") == "near_duplicate"
+    other = _rec("what causes earthquakes", "Earthquakes happen when stress along a fault is released suddenly "
+                 "and the rock on either side slips, sending seismic waves through the ground.")
+    assert f.check(other, "c") is None
 
 
 def test_store_writes_shards_once(tmp_path):

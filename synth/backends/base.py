@@ -50,3 +50,15 @@ class Backend:
 
 def missing_package(package: str, install: str) -> BackendError:
     return BackendError(f"the {package} backend needs the '{package}' package: {install}")
+
+
+def model_path(model: str) -> str:
+    """The local folder (or hub id) to load for ``model``: the default aliases resolve to the
+    converted packaged model. Uses llmembed's stdlib-only resolver, so synth never imports the
+    model code; its errors become one-line ``BackendError``s."""
+    from llmembed.resolve import AssetError, ModelPathError, resolve_model_path
+
+    try:
+        return resolve_model_path(model)
+    except (AssetError, ModelPathError) as err:
+        raise BackendError(f"model {model!r}: {err}") from None

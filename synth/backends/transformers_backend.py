@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from synth.backends.base import Backend, BackendError, ChatRequest, Generation, missing_package
+from synth.backends.base import Backend, BackendError, ChatRequest, Generation, missing_package, model_path
 
 
 class TransformersBackend(Backend):
@@ -24,11 +24,7 @@ class TransformersBackend(Backend):
 
         if constrained and importlib.util.find_spec("xgrammar") is None:
             raise missing_package("xgrammar", "pip install xgrammar")
-        path = model
-        if model in ("default", "smollm2", "smollm2-135m-instruct"):
-            from llmembed.assets import default_backbone_dir
-
-            path = str(default_backbone_dir())
+        path = model_path(model)
         torch_dtype = torch.float32
         if dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_available()):
             torch_dtype = torch.bfloat16

