@@ -17,6 +17,7 @@ _EXPORTS = {
     "LoraSettings": "llmembed.lora",
     "PoolingConfig": "llmembed.pooling",
     "PromptConfig": "llmembed.prompts",
+    "ServingContract": "llmembed.serving",
 }
 __all__ = list(_EXPORTS)
 

@@ -4,12 +4,18 @@
 
 - merged weights (LoRA folded into the base) as safetensors, ``config.json`` carrying
   ``is_causal`` exactly as trained (vLLM and transformers both read it);
-- a tokenizer whose *plain* call appends EOS when the pooling is last-token, and which has no
-  chat template (sentence-transformers would otherwise wrap plain text in it);
+- a tokenizer whose *plain* call appends EOS when the contract says so, and which has no chat
+  template (sentence-transformers would otherwise wrap plain text in it);
 - sentence-transformers files: ``modules.json``, the pooling module (ST's ``Pooling`` for
   last-token/mean, our :class:`llmembed.st_modules.LatentAttentionPooling` for NV-Embed),
-  ``Normalize``, and the query/document prompts;
+  ``Normalize``, the query/document prompts and the serving length;
+- ``llmembed_serving.json``: the model's serving contract, unchanged;
 - a model card with the exact loading and serving commands.
+
+Everything above is rendered from the one :class:`~llmembed.serving.ServingContract` read
+from the trained folder; nothing is re-derived from settings elsewhere. The export then runs
+:mod:`llmembed.verify` on its own output (with real vLLM when ``--vllm-python`` or
+``$LLMEMBED_VLLM_PYTHON`` names an interpreter that has it).
 
 Shipping merged weights rather than an adapter is deliberate: servers that apply LoRA on
 pooling models have produced wrong vectors.
@@ -18,8 +24,10 @@ pooling models have produced wrong vectors.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,13 +37,13 @@ import torch
 from llmembed.backbone import dtype_name, set_bidirectional
 from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel
-from llmembed.tokenization import EmbeddingTokenizer
+from llmembed.serving import ServingContract
 
 logger = logging.getLogger("llmembed.export")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-PROBE_TEXTS = ["a", "Hello world!", "Instruct: x\nQuery: y", "  spaced   text \n", "数字 123"]
+LATENT_MODULE_TYPE = "llmembed.st_modules.LatentAttentionPooling"
 
 
 class ExportError(RuntimeError):
@@ -43,8 +51,13 @@ class ExportError(RuntimeError):
 
 
 def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", instruction: str | None = None,
-           overwrite: bool = False) -> Path:
-    """Export ``model_dir`` (written by :meth:`EmbeddingModel.save`) to ``out_dir``."""
+           overwrite: bool = False, verify: bool = True, vllm_python: str | None = None) -> Path:
+    """Export ``model_dir`` (written by :meth:`EmbeddingModel.save`) to ``out_dir``.
+
+    ``instruction`` replaces the contract's default instruction in the exported query prompt.
+    With ``verify`` the export's vectors are checked against our ``encode`` in every serving
+    path (:func:`llmembed.verify.verify`); a mismatch raises :class:`ExportError`.
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
@@ -59,80 +72,76 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
 
     # Merge in fp32 so the LoRA product is added at full precision, then cast.
     model = EmbeddingModel.load(model_dir, dtype="float32", attn_implementation="sdpa", quantization=None)
-    config = model.config
-    bidirectional = model.bidirectional
+    contract = model.contract
+    if instruction is not None:
+        from dataclasses import replace
+
+        contract = replace(contract, prompts=replace(contract.prompts, default_instruction=instruction))
+    if model.bidirectional == contract.is_causal:
+        raise ExportError(f"{model_dir}: the backbone's attention disagrees with the saved contract")
     backbone = model.backbone.merge_and_unload() if is_peft_model(model.backbone) else model.backbone
     backbone = backbone.to(DTYPES[dtype])
-    set_bidirectional(backbone, bidirectional)
+    set_bidirectional(backbone, not contract.is_causal)
     backbone.config.dtype = dtype_name(DTYPES[dtype])
     backbone.save_pretrained(out, safe_serialization=True)
 
-    tokenizer = _serving_tokenizer(model.tokenizer, append_eos=config.appends_eos)
-    tokenizer.save_pretrained(out)
-    for leftover in ("chat_template.jinja", "chat_template.json"):
-        (out / leftover).unlink(missing_ok=True)
+    serving_tokenizer(model.tokenizer, contract).save_pretrained(out)
+    _drop_chat_template(out)
 
     # Build the sentence-transformers pipeline with ST's own classes and let ST write its files.
-    max_len = max(config.query_max_length, config.passage_max_length)
     transformer = Transformer(
         str(out),
-        max_seq_length=max_len,
+        max_seq_length=contract.max_length,
+        # Plain text, never the chat template (ST would otherwise render text as a message).
         modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         module_output_name="token_embeddings",
         model_kwargs={"dtype": DTYPES[dtype], "attn_implementation": "sdpa"},
     )
-    width = model.pooling.hidden_size
-    if config.pooling.kind == "latent_attention":
+    if contract.pooling.kind == "latent_attention":
         from llmembed.st_modules import LatentAttentionPooling
 
         pooling = LatentAttentionPooling.from_head(model.pooling)
     else:
-        mode = {"last_token": "lasttoken", "mean": "mean"}[config.pooling.kind]
-        pooling = Pooling(width, pooling_mode=mode, include_prompt=config.pooling.include_instruction)
-    modules = [transformer, pooling] + ([Normalize()] if config.normalize else [])
-    query_prefix = config.prompts.query_prefix(instruction)
-    passage_prefix = config.prompts.passage_prefix()
-    prompts = {"query": query_prefix, "document": passage_prefix}
+        mode = {"last_token": "lasttoken", "mean": "mean"}[contract.pooling.kind]
+        pooling = Pooling(model.pooling.hidden_size, pooling_mode=mode, include_prompt=contract.pooling.include_instruction)
+    modules = [transformer, pooling] + ([Normalize()] if contract.normalize else [])
     st = SentenceTransformer(
         modules=modules,
-        prompts=prompts,
-        default_prompt_name="document" if passage_prefix else None,
+        prompts={"query": contract.query_prefix(), "document": contract.passage_prefix()},
+        default_prompt_name="document" if contract.passage_prefix() else None,
         similarity_fn_name="cosine",
         device="cpu",
     )
     st.save(str(out), create_model_card=False)
-    # ST re-saved the tokenizer from the folder; make sure nothing brought the template back.
-    for leftover in ("chat_template.jinja", "chat_template.json"):
-        (out / leftover).unlink(missing_ok=True)
-    _check_config(out, bidirectional)
-    _check_tokenizer(out, model, config.appends_eos)
-    (out / "llmembed_export.json").write_text(json.dumps({
-        "source": str(Path(model_dir).resolve()),
-        "pooling": config.pooling.kind,
-        "include_instruction": config.pooling.include_instruction,
-        "normalize": config.normalize,
-        "output_dim": config.output_dim,
-        "is_causal": not bidirectional,
-        "appends_eos": config.appends_eos,
-        "dtype": dtype_name(DTYPES[dtype]),
-        "prompts": prompts,
-    }, indent=2))
-    (out / "README.md").write_text(model_card(out, config, bidirectional, query_prefix, passage_prefix, dtype))
+    _drop_chat_template(out)  # ST re-saved the tokenizer from the folder
+    _write_max_seq_length(out, contract.max_length)
+    _check_config(out, contract)
+    contract.save(out)
+    (out / "README.md").write_text(model_card(out, contract, dtype))
     logger.info("Exported %s -> %s", model_dir, out)
+    if verify:
+        from llmembed.verify import verify as run_verify
+
+        report = run_verify(out, vllm_python=vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON"),
+                            reference=model)
+        print(report.table())
+        if not report.ok:
+            raise ExportError(f"{out}: serving parity check failed: {report.summary()}")
     return out
 
 
-def _serving_tokenizer(tokenizer, append_eos: bool):
-    """A copy of ``tokenizer`` whose plain call appends EOS (when asked), without chat template."""
-    import copy
-
+def serving_tokenizer(tokenizer, contract: ServingContract):
+    """A copy of ``tokenizer`` for servers: its plain call appends EOS when the contract does,
+    it pads on the contract's side, and it has no chat template."""
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = None
     if hasattr(tok, "init_kwargs"):
         tok.init_kwargs.pop("chat_template", None)
+    tok.padding_side = contract.padding_side
+    tok.model_max_length = contract.max_length
     probe = tok("a", add_special_tokens=True)["input_ids"]
     adds_bos = tok.bos_token_id is not None and len(probe) > 1 and probe[0] == tok.bos_token_id
-    if append_eos and not (probe and probe[-1] == tok.eos_token_id):
+    if contract.append_eos and not (probe and probe[-1] == tok.eos_token_id):
         if not hasattr(tok, "update_post_processor"):
             raise ExportError(f"{type(tok).__name__} is not a fast tokenizer; cannot make it append EOS")
         tok.add_bos_token = adds_bos
@@ -140,54 +149,69 @@ def _serving_tokenizer(tokenizer, append_eos: bool):
     return tok
 
 
-def _check_config(out: Path, bidirectional: bool) -> None:
+def pooling_weights_dir(export_dir: str | Path) -> Path | None:
+    """The folder holding the latent-attention head's weights in an export, if it has one."""
+    modules_file = Path(export_dir) / "modules.json"
+    if not modules_file.is_file():
+        return None
+    for module in json.loads(modules_file.read_text()):
+        if module.get("type") == LATENT_MODULE_TYPE:
+            return Path(export_dir) / module["path"]
+    return None
+
+
+def _drop_chat_template(out: Path) -> None:
+    for leftover in ("chat_template.jinja", "chat_template.json"):
+        (out / leftover).unlink(missing_ok=True)
+
+
+def _write_max_seq_length(out: Path, max_length: int) -> None:
+    """sentence-transformers 6 keeps its length in the tokenizer's ``model_max_length``; vLLM
+    takes its ``max_model_len`` from ``sentence_bert_config.json``'s ``max_seq_length`` only
+    (otherwise from the backbone's position limit, and then embeds past our length). Writing
+    both keeps them equal; ST accepts the key as its constructor argument."""
+    path = out / "sentence_bert_config.json"
+    config = json.loads(path.read_text())
+    config["max_seq_length"] = max_length
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_config(out: Path, contract: ServingContract) -> None:
+    """``is_causal`` must be written explicitly: vLLM and transformers read it from here."""
     saved = json.loads((out / "config.json").read_text())
-    if saved.get("is_causal", True) is (not bidirectional) and "is_causal" in saved:
+    if saved.get("is_causal") is contract.is_causal:
         return
-    saved["is_causal"] = not bidirectional
+    saved["is_causal"] = contract.is_causal
     (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def _check_tokenizer(out: Path, model: EmbeddingModel, append_eos: bool) -> None:
-    """The exported tokenizer's plain call must give exactly our training token ids."""
-    from transformers import AutoTokenizer
-
-    served = AutoTokenizer.from_pretrained(str(out))
-    ours = EmbeddingTokenizer(model.tokenizer, append_eos=append_eos)
-    expected = ours.token_ids(PROBE_TEXTS, max_length=10_000)
-    got = [served(t)["input_ids"] for t in PROBE_TEXTS]
-    if got != expected:
-        raise ExportError(f"exported tokenizer disagrees with training tokenization: {got} != {expected}")
-    if served.chat_template:
-        raise ExportError("exported tokenizer still carries a chat template")
-
-
-def model_card(out: Path, config, bidirectional: bool, query_prefix: str, passage_prefix: str, dtype: str) -> str:
-    pooling = config.pooling.kind
+def model_card(out: Path, contract: ServingContract, dtype: str) -> str:
+    pooling = contract.pooling.kind
     name = out.name
     latent = pooling == "latent_attention"
+    query_prefix, passage_prefix = contract.query_prefix(), contract.passage_prefix()
     st_load = (
-        'SentenceTransformer("{d}", trust_remote_code=True)  # loads llmembed.st_modules.LatentAttentionPooling'
-        if latent else 'SentenceTransformer("{d}")'
-    ).format(d=name)
-    attention = "bidirectional (`is_causal: false` in config.json)" if bidirectional else "causal"
+        f'SentenceTransformer("{name}", trust_remote_code=True)  # loads llmembed.st_modules.LatentAttentionPooling'
+        if latent else f'SentenceTransformer("{name}")'
+    )
+    attention = "causal" if contract.is_causal else "bidirectional (`is_causal: false` in config.json)"
+    unsupported = contract.vllm_unsupported()
     vllm_note = (
-        "vLLM cannot run the latent-attention head: serve this model with sentence-transformers "
-        "or `llmembed`, not vLLM."
-        if latent else
-        "vLLM reads the pooling type and normalisation from `modules.json` and the attention "
-        "direction from `config.json`; no extra flags are needed."
+        f"vLLM cannot serve this model ({unsupported}): use sentence-transformers or `llmembed`."
+        if unsupported else
+        "vLLM reads the pooling type and normalisation from `modules.json`, the serving length from "
+        "`sentence_bert_config.json` and the attention direction from `config.json`; no extra flags are needed. "
+        "Ask it to cut longer texts the way sentence-transformers does with `truncate_prompt_tokens=-1` "
+        "(offline: `tokenization_kwargs={\"truncate_prompt_tokens\": -1}`); without it vLLM refuses them."
     )
     truncation = (
-        f"\nEmbeddings are truncated to the first {config.output_dim} dimensions before normalising: pass "
-        f"`truncate_dim={config.output_dim}` to `SentenceTransformer(...)` and `dimensions={config.output_dim}` "
-        "to vLLM requests.\n" if config.output_dim else ""
+        f"\nEmbeddings are truncated to the first {contract.output_dim} dimensions before normalising: pass "
+        f"`truncate_dim={contract.output_dim}` to `SentenceTransformer(...)` and `dimensions={contract.output_dim}` "
+        "to vLLM requests.\n" if contract.output_dim else ""
     )
-    exclusion = (
-        "\nInstruction tokens are excluded from the pooled mean (`include_prompt: false`); vLLM's mean "
-        "pooling cannot do that, so use sentence-transformers for this model.\n"
-        if not config.pooling.include_instruction else ""
-    )
+    normalised = "L2-normalised" if contract.normalize else "unnormalised"
+    eos = ("The tokenizer appends the EOS token itself, so every server sees the same tokens as training."
+           if contract.append_eos else "No EOS token is appended (the model was trained without one).")
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -196,16 +220,17 @@ tags: [sentence-transformers, feature-extraction, llmembed]
 # {name}
 
 A text-embedding model exported by [llmembed](https://pypi.org/project/llmembed/): merged weights
-({dtype}), {pooling.replace('_', '-')} pooling, {attention}, {"L2-normalised" if config.normalize else "unnormalised"} vectors.
-{truncation}{exclusion}
+({dtype}), {pooling.replace('_', '-')} pooling, {attention}, {normalised} vectors. Inputs longer than
+{contract.max_length} tokens are cut at the end (the EOS token is kept). The serving facts are in
+`llmembed_serving.json`; `python -m llmembed.verify {name}` checks that every serving path agrees.
+{truncation}
 ## Inputs
 Queries carry an instruction; passages {"carry the prefix " + repr(passage_prefix) if passage_prefix else "are embedded as they are"}.
 
     query:   {query_prefix!r} + text
 
-The tokenizer appends the EOS token itself{"" if config.appends_eos else " only when the model was trained so (it was not)"},
-so every server sees the same tokens as training. Change the instruction for another task by
-writing the query text as `Instruct: <task>\\nQuery: <text>`.
+{eos} Change the instruction for another task by writing the query text as
+`Instruct: <task>\\nQuery: <text>`.
 
 ## sentence-transformers
 ```python
@@ -223,7 +248,7 @@ vllm serve {name} --runner pooling
 ```python
 from vllm import LLM
 llm = LLM("{name}", runner="pooling")
-out = llm.embed([{query_prefix!r} + "how do plants make food?"])
+out = llm.embed([{query_prefix!r} + "how do plants make food?"], tokenization_kwargs={{"truncate_prompt_tokens": -1}})
 ```
 {vllm_note}
 """
@@ -236,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight dtype of the export")
     parser.add_argument("--instruction", default=None, help="instruction baked into the 'query' prompt")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--vllm-python", default=None,
+                        help="python of an environment with vLLM: the parity check then runs real vLLM too "
+                             "(default: $LLMEMBED_VLLM_PYTHON)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the serving parity check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export(args.model, args.out, args.dtype, args.instruction, args.overwrite)
+        out = export(args.model, args.out, args.dtype, args.instruction, args.overwrite,
+                     verify=not args.no_verify, vllm_python=args.vllm_python)
     except (ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,16 +1,21 @@
 """EmbeddingModel: backbone + pooling + optional truncation and L2 normalisation.
 
-Build, encode, save, load. Training loops, losses and export live elsewhere; they all go
-through :meth:`EmbeddingModel.tokenize` and :meth:`EmbeddingModel.forward`, so the text a
-model sees is the same in training, in ``encode`` and (via the export) in every server.
+Build, encode, save, load. Training loops, losses and export live elsewhere. Every fact about
+how a text becomes a vector (prompts, EOS, lengths, pooling, normalisation, attention
+direction) is the model's :class:`~llmembed.serving.ServingContract`; texts become tokens only
+through :attr:`EmbeddingModel.text_tokenizer`, which follows it.
 
 A saved model folder holds::
 
-    llmembed_config.json   our config (backbone, pooling, prompts, lengths, LoRA settings)
+    llmembed_serving.json  the serving contract (the only place its facts are saved)
+    llmembed_config.json   how to rebuild the network: backbone source and dtype, LoRA settings
     adapter/               peft LoRA adapter (when trained with LoRA), or
     backbone/              full backbone weights (safetensors)
     tokenizer/             the tokenizer as used in training
-    pooling/               pooling config and weights
+    pooling/               pooling head weights (latent attention only)
+
+:meth:`EmbeddingModel.load` also reads an export of :mod:`llmembed.export` (merged weights,
+the same ``llmembed_serving.json``), so ``encode`` can be compared with every server.
 """
 
 from __future__ import annotations
@@ -32,20 +37,25 @@ from llmembed.backbone import (
     load_tokenizer,
     resolve_backbone_path,
 )
-from llmembed.config import from_dict
+from llmembed.config import ConfigError, from_dict
 from llmembed.lora import LoraSettings, apply_lora, is_peft_model, load_lora
 from llmembed.pooling import Pooling, PoolingConfig, build_pooling
 from llmembed.prompts import PromptConfig
-from llmembed.tokenization import EmbeddingTokenizer
+from llmembed.serving import SERVING_FILE, ServingContract
+from llmembed.tokenization import EmbeddingTokenizer, Instructions
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "llmembed_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Backbone settings that are serving facts: saved in the contract, not in llmembed_config.json.
+_SERVING_BACKBONE_KEYS = ("bidirectional",)
 
 
 @dataclass
 class EmbeddingModelConfig:
+    """What a user chooses. :meth:`contract` resolves the serving facts from it."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -55,36 +65,54 @@ class EmbeddingModelConfig:
     output_dim: int | None = None
     # Append EOS to every text; None means "only for last_token pooling".
     append_eos: bool | None = None
-    query_max_length: int = 512
-    passage_max_length: int = 512
+    # The serving length: the longest input encode, sentence-transformers and vLLM embed.
+    # Training can cut shorter (data.query_max_length / data.passage_max_length).
+    max_length: int = 512
 
     def __post_init__(self) -> None:
         if self.output_dim is not None and self.output_dim < 1:
             raise ValueError(f"output_dim must be >= 1, got {self.output_dim}")
-        for name in ("query_max_length", "passage_max_length"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
-    @property
-    def appends_eos(self) -> bool:
-        return self.pooling.kind == "last_token" if self.append_eos is None else self.append_eos
+    def contract(self) -> ServingContract:
+        return ServingContract.from_config(self)
 
-    @property
-    def padding_side(self) -> str:
-        # Decoder convention for last-token pooling; both sides give the same vectors.
-        return "left" if self.pooling.kind == "last_token" else "right"
+    def build_dict(self) -> dict[str, Any]:
+        """The non-serving part, as saved in ``llmembed_config.json``."""
+        backbone = {k: v for k, v in asdict(self.backbone).items() if k not in _SERVING_BACKBONE_KEYS}
+        return {"backbone": backbone, "lora": asdict(self.lora) if self.lora is not None else None}
+
+    @classmethod
+    def from_parts(cls, build: dict[str, Any], contract: ServingContract, where: str = "") -> "EmbeddingModelConfig":
+        """Rebuild a config from ``llmembed_config.json``'s content and the saved contract."""
+        unknown = sorted(set(build) - {"backbone", "lora"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}")
+        backbone = from_dict(BackboneConfig, {**build.get("backbone", {}), "bidirectional": not contract.is_causal},
+                             prefix="backbone")
+        lora = from_dict(LoraSettings, build["lora"], prefix="lora") if build.get("lora") is not None else None
+        return cls(backbone=backbone, pooling=contract.pooling, prompts=contract.prompts, lora=lora,
+                   normalize=contract.normalize, output_dim=contract.output_dim, append_eos=contract.append_eos,
+                   max_length=contract.max_length)
 
 
 class EmbeddingModel(nn.Module):
-    def __init__(self, config: EmbeddingModelConfig, backbone: nn.Module, tokenizer, pooling: Pooling) -> None:
+    def __init__(self, config: EmbeddingModelConfig, backbone: nn.Module, tokenizer, pooling: Pooling,
+                 contract: ServingContract | None = None) -> None:
         super().__init__()
         self.config = config
+        self.contract = contract if contract is not None else config.contract()
         self.backbone = backbone
         self.pooling = pooling
         self.tokenizer = tokenizer
-        self.text_tokenizer = EmbeddingTokenizer(tokenizer, config.appends_eos, config.padding_side)
-        if config.output_dim is not None and config.output_dim > pooling.output_dim:
-            raise ValueError(f"output_dim={config.output_dim} exceeds the pooled width {pooling.output_dim}")
+        self.text_tokenizer = EmbeddingTokenizer(tokenizer, self.contract)
+        if self.contract.output_dim is not None and self.contract.output_dim > pooling.output_dim:
+            raise ValueError(f"output_dim={self.contract.output_dim} exceeds the pooled width {pooling.output_dim}")
+        positions = getattr(self.base_model.config, "max_position_embeddings", None)
+        if positions is not None and self.contract.max_length > positions:
+            raise ValueError(f"max_length={self.contract.max_length} exceeds the backbone's "
+                             f"max_position_embeddings ({positions})")
 
     # ------------------------------------------------------------------ build / load / save
     @classmethod
@@ -128,38 +156,60 @@ class EmbeddingModel(nn.Module):
         else:
             self.backbone.save_pretrained(folder / "backbone", state_dict=backbone_state, safe_serialization=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        if pooling_state is not None:
-            head = build_pooling(self.pooling.config, self.pooling.hidden_size)
-            head.load_state_dict(pooling_state)
-            head.save(folder / "pooling")
-        else:
-            self.pooling.save(folder / "pooling")
-        payload = {"format_version": FORMAT_VERSION, **asdict(self.config)}
-        (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+        self.pooling.save_weights(folder / "pooling", pooling_state)
+        self.contract.save(folder)
+        payload = {"format_version": FORMAT_VERSION, **self.config.build_dict()}
+        (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path, trainable: bool = False, **backbone_overrides: Any) -> "EmbeddingModel":
-        """Load a folder written by :meth:`save`. ``backbone_overrides`` replace fields of the
-        saved backbone config (e.g. ``dtype="bfloat16"``)."""
+        """Load a folder written by :meth:`save`, or an export. ``backbone_overrides`` replace
+        fields of the saved backbone config (e.g. ``dtype="bfloat16"``)."""
         folder = Path(folder)
+        if (folder / CONFIG_FILE).is_file():
+            return cls._load_trained(folder, trainable, backbone_overrides)
+        if (folder / SERVING_FILE).is_file() and (folder / "config.json").is_file():
+            return cls._load_export(folder, backbone_overrides)
+        raise FileNotFoundError(f"{folder} is not an llmembed model folder (no {CONFIG_FILE}) nor an llmembed "
+                                f"export (no {SERVING_FILE})")
+
+    @classmethod
+    def _load_trained(cls, folder: Path, trainable: bool, overrides: dict[str, Any]) -> "EmbeddingModel":
         config_path = folder / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{folder} is not an llmembed model folder (no {CONFIG_FILE})")
         payload = json.loads(config_path.read_text())
         version = payload.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
-        config = from_dict(EmbeddingModelConfig, payload, prefix="")
-        if backbone_overrides:
-            config = replace(config, backbone=replace(config.backbone, **backbone_overrides))
+            raise ConfigError(f"{config_path}: format_version {version!r} is not supported (expected "
+                              f"{FORMAT_VERSION}); it was written by another llmembed version")
+        contract = ServingContract.load(folder)
+        config = EmbeddingModelConfig.from_parts(payload, contract, where=str(config_path))
+        if overrides:
+            config = replace(config, backbone=replace(config.backbone, **overrides))
         tokenizer = load_tokenizer(str(folder / "tokenizer"), config.backbone.trust_remote_code)
         if (folder / "adapter").is_dir():
             backbone = load_backbone(config.backbone)
             backbone = load_lora(backbone, str(folder / "adapter"), trainable=trainable)
         else:
             backbone = load_backbone(config.backbone, str(folder / "backbone"))
-        pooling = Pooling.load(folder / "pooling")
-        return cls(config, backbone, tokenizer, pooling)
+        pooling = build_pooling(contract.pooling, backbone.config.hidden_size)
+        pooling.load_weights(folder / "pooling")
+        return cls(config, backbone, tokenizer, pooling, contract)
+
+    @classmethod
+    def _load_export(cls, folder: Path, overrides: dict[str, Any]) -> "EmbeddingModel":
+        from llmembed.export import pooling_weights_dir
+
+        contract = ServingContract.load(folder)
+        backbone_config = replace(BackboneConfig(str(folder), bidirectional=not contract.is_causal), **overrides)
+        config = EmbeddingModelConfig.from_parts({}, contract)
+        config = replace(config, backbone=backbone_config)
+        tokenizer = load_tokenizer(str(folder), backbone_config.trust_remote_code)
+        backbone = load_backbone(backbone_config, str(folder))
+        pooling = build_pooling(contract.pooling, backbone.config.hidden_size)
+        weights = pooling_weights_dir(folder)
+        if weights is not None:
+            pooling.load_weights(weights, prefix="head.")
+        return cls(config, backbone, tokenizer, pooling, contract)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -177,36 +227,12 @@ class EmbeddingModel(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.config.output_dim or self.pooling.output_dim
+        return self.contract.output_dim or self.pooling.output_dim
 
-    def format(
-        self, texts: Sequence[str], instruction: str | Sequence[str | None] | None, is_query: bool
-    ) -> tuple[list[str], list[str]]:
-        """Prompted texts and their prefixes. ``instruction`` may be one string for all texts or
-        one per text (mixed-task batches)."""
-        if instruction is None or isinstance(instruction, str):
-            prefix = self.config.prompts.prefix(instruction, is_query)
-            return [prefix + t for t in texts], [prefix] * len(texts)
-        if len(instruction) != len(texts):
-            raise ValueError(f"{len(instruction)} instructions for {len(texts)} texts")
-        prefixes = [self.config.prompts.prefix(i, is_query) for i in instruction]
-        return [p + t for p, t in zip(prefixes, texts)], prefixes
-
-    def tokenize(
-        self,
-        texts: Sequence[str],
-        instruction: str | Sequence[str | None] | None = None,
-        is_query: bool | None = None,
-        max_length: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Model inputs for raw texts: prompt, tokens, EOS, padding, prompt lengths."""
-        if isinstance(texts, str):
-            raise TypeError("tokenize() takes a list of texts, not a single string")
-        is_query = instruction is not None if is_query is None else is_query
-        if max_length is None:
-            max_length = self.config.query_max_length if is_query else self.config.passage_max_length
-        formatted, prefixes = self.format(texts, instruction, is_query)
-        return self.text_tokenizer(formatted, prefixes, max_length)
+    def tokenize(self, texts: Sequence[str], instruction: Instructions = None, is_query: bool | None = None,
+                 max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for raw texts (see :class:`EmbeddingTokenizer`)."""
+        return self.text_tokenizer(texts, instruction, is_query=is_query, max_length=max_length)
 
     # ------------------------------------------------------------------ forward / encode
     def forward(
@@ -219,9 +245,9 @@ class EmbeddingModel(nn.Module):
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
         embeddings = self.pooling(hidden, attention_mask, prompt_lengths)
-        if self.config.output_dim is not None:
-            embeddings = embeddings[:, : self.config.output_dim]
-        if self.config.normalize if normalize is None else normalize:
+        if self.contract.output_dim is not None:
+            embeddings = embeddings[:, : self.contract.output_dim]
+        if self.contract.normalize if normalize is None else normalize:
             embeddings = nn.functional.normalize(embeddings.float(), p=2, dim=-1)
         return embeddings
 
@@ -229,7 +255,7 @@ class EmbeddingModel(nn.Module):
     def encode(
         self,
         texts: Sequence[str],
-        instruction: str | None = None,
+        instruction: Instructions = None,
         *,
         is_query: bool | None = None,
         batch_size: int = 32,
@@ -239,7 +265,8 @@ class EmbeddingModel(nn.Module):
         convert_to_numpy: bool = True,
     ) -> np.ndarray | torch.Tensor:
         """Embed ``texts``. Passing ``instruction`` (or ``is_query=True``, which uses the
-        default instruction) formats them as queries; otherwise as passages.
+        default instruction) formats them as queries; otherwise as passages. Texts longer than
+        the serving length (``contract.max_length``, or ``max_length``) are cut, keeping EOS.
 
         Texts are processed longest first so batches carry little padding; results come
         back in input order as float32.
@@ -261,8 +288,10 @@ class EmbeddingModel(nn.Module):
 
             starts = range(0, len(texts), batch_size)
             for start in tqdm(starts, desc="encode", disable=not show_progress_bar, unit="batch"):
-                batch_texts = [texts[i] for i in order[start : start + batch_size]]
-                batch = self.tokenize(batch_texts, instruction, is_query, max_length)
+                rows = order[start : start + batch_size]
+                batch_instruction = instruction if instruction is None or isinstance(instruction, str) else [
+                    instruction[i] for i in rows]
+                batch = self.tokenize([texts[i] for i in rows], batch_instruction, is_query, max_length)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 chunks.append(self(**batch, normalize=normalize).float().cpu())
         finally:

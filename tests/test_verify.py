@@ -1,0 +1,84 @@
+"""`python -m llmembed.verify`: every serving path of an export is checked against our encode,
+and a damaged export is caught with the path and the texts that differ."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from llmembed.export import export
+from llmembed.verify import probe_set, verify
+
+from .test_export import trained_model
+
+
+def _run_verify(folder, *extra):
+    return subprocess.run([sys.executable, "-m", "llmembed.verify", str(folder), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("verify")
+    model = trained_model(tiny_llama_dir, "last_token", False)
+    model.save(tmp / "trained")
+    return export(tmp / "trained", tmp / "export", verify=False)
+
+
+def test_probe_set_covers_the_hard_cases(exported):
+    from llmembed.serving import ServingContract
+
+    contract = ServingContract.load(exported)
+    tok = AutoTokenizer.from_pretrained(exported)
+    probes = probe_set(contract, lambda t: len(tok(t)["input_ids"]))
+    names = " ".join(p.name for p in probes)
+    for needed in ("one-token", "8-sentence query", "past max_length", "CJK", "emoji", "whitespace", "instruction"):
+        assert needed in names
+    longest = max(len(tok(p.text)["input_ids"]) for p in probes)
+    assert longest > contract.max_length
+    assert any(p.is_query for p in probes) and any(not p.is_query for p in probes)
+
+
+def test_fresh_export_passes(exported, tmp_path):
+    run = _run_verify(exported, "--json", str(tmp_path / "report.json"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "sentence-transformers" in run.stdout and "transformers" in run.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    paths = {p["path"]: p for p in report["paths"]}
+    for name in ("sentence-transformers", "transformers"):
+        assert min(paths[name]["cosines"]) >= 0.9999
+        assert paths[name]["token_counts"] == report["reference_tokens"]
+    assert paths["vllm"]["skipped"]  # no --vllm-python here
+
+
+def test_export_without_eos_in_its_tokenizer_fails_naming_paths_and_texts(exported, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    tok = AutoTokenizer.from_pretrained(broken)
+    assert tok("hello")["input_ids"][-1] == tok.eos_token_id
+    tok.add_eos_token = False
+    tok.save_pretrained(broken)
+    assert AutoTokenizer.from_pretrained(broken)("hello")["input_ids"][-1] != tok.eos_token_id
+
+    run = _run_verify(broken)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "MISMATCH" in run.stdout
+    for path in ("sentence-transformers", "transformers"):
+        assert f"  {path}: 'short passage'" in run.stdout, run.stdout
+    assert "tokens, reference" in run.stdout
+
+    report = verify(broken)
+    assert not report.ok
+    bad = {p.path for p in report.paths if not p.ok}
+    assert bad == {"sentence-transformers", "transformers"}
+
+
+def test_not_an_export_is_one_line(tmp_path):
+    run = _run_verify(tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error:") and "Traceback" not in run.stderr
