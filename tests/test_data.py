@@ -10,7 +10,10 @@ import pytest
 from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
 from llmembed.data.readers import ReadReport
-from llmembed.data.sampling import HomogeneousBatchSampler
+from llmembed.data.sampling import BatchRef, HomogeneousBatchSampler
+from llmembed.data.schema import Record
+from llmembed.serving import ServingContract
+from llmembed.tokenization import EmbeddingTokenizer
 
 GOOD = {"query": "q", "positive": "p", "negatives": ["n1", "n2"]}
 
@@ -95,29 +98,57 @@ def test_sampler_refuses_bad_settings():
         HomogeneousBatchSampler([40], [1], 9, world_size=2)
 
 
-class _Recorder:
-    """Stands in for the model's tokenize so the test can read back the formatted texts."""
+@pytest.fixture(scope="module")
+def text_tokenizer(default_dir):
+    """The real tokenizer path the trainer uses: SmolLM2's tokenizer under a serving contract."""
+    from transformers import AutoTokenizer
 
-    def tokenize(self, texts, instruction=None, is_query=None):
-        return {"texts": list(texts), "instruction": instruction, "is_query": is_query}
+    return EmbeddingTokenizer(AutoTokenizer.from_pretrained(default_dir), ServingContract(max_length=64))
 
 
-def test_groups_hold_positive_then_fresh_hard_negatives():
-    from llmembed.data.schema import Record
-    from llmembed.data.sampling import BatchRef
+def _texts(tok: EmbeddingTokenizer, inputs: dict) -> list[str]:
+    """The texts a tokenized batch holds (padding and EOS dropped)."""
+    rows = [ids[mask.bool()] for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+    return [tok.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
+
+def test_groups_hold_positive_then_fresh_hard_negatives(text_tokenizer):
     records = [Record(f"q{i}", [f"p{i}"], [f"n{i}_{j}" for j in range(5)]) for i in range(6)]
     records.append(Record("q6", ["p6"], ["only"]))
     records.append(Record("q7", ["p7"], []))
     ds = LoadedDataset("d", records, "Do it", True, 3, "infonce")
-    collate = ContrastiveCollator(_Recorder(), [ds], seed=0)
+    collate = ContrastiveCollator(text_tokenizer, [ds], seed=0)
     batch = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))
-    passages = batch["passage"]["texts"]
-    assert batch["query"]["texts"] == ["q0", "q6", "q7"] and batch["query"]["instruction"] == ["Do it"] * 3
+    assert _texts(text_tokenizer, batch["query"]) == [f"Instruct: Do it\nQuery: {q}" for q in ("q0", "q6", "q7")]
+    prefix = text_tokenizer.prompt_length("Instruct: Do it\nQuery: ")
+    assert batch["query"]["prompt_lengths"].tolist() == [prefix] * 3 and prefix > 0
+    passages = _texts(text_tokenizer, batch["passage"])
+    assert len(passages) == 9 and batch["passage"]["prompt_lengths"].tolist() == [0] * 9
     assert passages[0] == "p0" and set(passages[1:3]) <= {f"n0_{j}" for j in range(5)} and passages[1] != passages[2]
     assert passages[3:6] == ["p6", "only", "only"]
     assert passages[6] == "p7" and all(p.startswith("p") and p != "p7" for p in passages[7:9])
-    again = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))["passage"]["texts"]
-    assert again == passages
-    epochs = {tuple(collate(BatchRef(0, (0,), epoch=e, step=0))["passage"]["texts"][1:]) for e in range(6)}
+    assert batch["dataset"] == 0 and batch["passage"]["input_ids"].shape[0] == 3 * batch["query"]["input_ids"].shape[0]
+    assert "scores" not in batch and "loss" not in batch
+    again = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))["passage"]
+    assert _texts(text_tokenizer, again) == passages
+    epochs = {tuple(_texts(text_tokenizer, collate(BatchRef(0, (0,), epoch=e, step=0))["passage"])[1:])
+              for e in range(6)}
     assert len(epochs) > 1  # hard negatives are re-drawn each epoch
+
+
+def test_training_lengths_cut_each_side_and_keep_eos(text_tokenizer):
+    long = " ".join(f"word{i}" for i in range(200))
+    ds = LoadedDataset("d", [Record(long, [long], [], score=1.0), Record("short", ["p"], [], score=0.0)],
+                       None, True, 1, "cosent")
+    batch = ContrastiveCollator(text_tokenizer, [ds], query_max_length=24, passage_max_length=16)(
+        BatchRef(0, (0, 1), epoch=0, step=0))
+    assert batch["query"]["attention_mask"].sum(1).tolist()[0] == 24
+    assert batch["passage"]["attention_mask"].sum(1).tolist()[0] == 16
+    eos = text_tokenizer.eos_id
+    assert batch["query"]["input_ids"][0, -1] == eos and batch["passage"]["input_ids"][0, -1] == eos  # left padded
+    assert batch["scores"].tolist() == [1.0, 0.0]
+    # Without training cuts both sides run to the serving length.
+    full = ContrastiveCollator(text_tokenizer, [ds])(BatchRef(0, (0, 1), epoch=0, step=0))
+    assert full["query"]["attention_mask"].sum(1).tolist()[0] == 64
+    with pytest.raises(ValueError, match="query_max_length=65 must be between 2 and the model's max_length"):
+        ContrastiveCollator(text_tokenizer, [ds], query_max_length=65)

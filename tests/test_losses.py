@@ -1,4 +1,4 @@
-"""Losses against hand-written references."""
+"""Losses against hand-written references, and the router that picks one per dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmembed.losses import CoSENTLoss, InfoNCELoss
+from llmembed.losses import CoSENTLoss, InfoNCELoss, LossConfig, LossRouter, choose_loss
 
 
 def _unit(*shape):
@@ -61,3 +61,35 @@ def test_cosent_rewards_the_right_order():
     terms = [cos[j] - cos[i] for i in range(3) for j in range(3) if scores[i] > scores[j]]
     manual = math.log(1 + sum(math.exp(t) for t in terms))
     assert abs(right.loss.item() - manual) < 1e-5
+
+
+def test_choose_loss_once_per_dataset():
+    assert choose_loss("auto", [True, True], "d") == "cosent"
+    assert choose_loss("auto", [True, False], "d") == "infonce"  # partly scored: cannot rank as a whole
+    assert choose_loss("infonce", [True, True], "d") == "infonce"
+    with pytest.raises(ValueError, match="d: loss cosent needs a score on every record"):
+        choose_loss("cosent", [True, False], "d")
+    with pytest.raises(ValueError, match="unknown loss 'triplet'"):
+        choose_loss("triplet", [True], "d")
+
+
+def test_router_binds_each_datasets_loss_and_settings():
+    from llmembed.data.collate import LoadedDataset
+
+    datasets = [LoadedDataset("pairs", [], None, True, 2, "infonce"),
+                LoadedDataset("labels", [], None, False, 3, "infonce"),
+                LoadedDataset("sts", [], None, True, 1, "cosent")]
+    router = LossRouter(datasets, LossConfig(temperature=0.05, symmetric=True, cosent_scale=10.0))
+    assert len(router) == 3 and router.names == ["infonce", "infonce", "cosent"]
+    torch.manual_seed(3)
+    q = _unit(3, 8)
+    p2, p3 = _unit(6, 8), _unit(9, 8)
+    want = InfoNCELoss(0.05, symmetric=True)(q, p2, group_size=2, in_batch_negatives=True)
+    assert torch.equal(router(0)(q, p2).loss, want.loss)
+    want = InfoNCELoss(0.05, symmetric=True)(q, p3, group_size=3, in_batch_negatives=False)
+    assert torch.equal(router(1)(q, p3).loss, want.loss)
+    scores = torch.tensor([3.0, 1.0, 2.0])
+    p1 = _unit(3, 8)
+    assert torch.equal(router(2)(q, p1, scores).loss, CoSENTLoss(scale=10.0)(q, p1, scores).loss)
+    with pytest.raises(ValueError, match="dataset sts: a CoSENT batch came without scores"):
+        router(2)(q, p1)

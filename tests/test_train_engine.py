@@ -1,18 +1,27 @@
 """The DeepSpeed trainer in real processes (CPU, gloo): ZeRO-2/3 with LoRA, cross-device
-negatives equal to one big batch, exact resume after a kill."""
+negatives equal to one big batch, exact resume after the whole run is killed from outside."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from llmembed.export import export
 from llmembed.model import EmbeddingModel
+from llmembed.train import checkpoint
 
 from .conftest import save_tiny
-from .train_utils import launch, metrics, write_config, write_pairs
+from .train_utils import (
+    launch,
+    launch_and_kill,
+    logged_steps,
+    metrics,
+    write_config,
+    write_pairs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -75,33 +84,48 @@ def test_cross_device_negatives_equal_one_big_batch(tiny_dir, tmp_path):
                               loss={"symmetric": True})
         launch(config, procs=procs)
         runs[name] = metrics(folder / "run")
-    for a, b in zip(runs["two"], runs["one"]):
-        assert a["step"] == b["step"]
+    assert [m["step"] for m in runs["two"]] == [m["step"] for m in runs["one"]] == [1, 2, 3, 4]
+    for a, b in zip(runs["two"], runs["one"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (runs["two"], runs["one"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
 
 
 def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
+    """SIGKILL the launcher and both ranks from outside, mid-run after a checkpoint; resuming
+    gives the losses and LRs of an uninterrupted run, and a metrics log without gaps or repeats."""
     data = write_pairs(tmp_path / "pairs.jsonl", 64)
     lora = {"r": 4, "dropout": 0.1}  # dropout on: the RNG state must be restored too
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    config = write_config(straight, tiny_dir, [data], model={"lora": lora},
-                          checkpoint={"output_dir": str(straight / "run"), "save_every": 2})
-    launch(config, procs=2)
-    reference = metrics(straight / "run")
+    steps = list(range(1, 9))
+    runs = {}
+    for name in ("straight", "crashed"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_dir, [data], model={"lora": lora},
+                                  train={"max_steps": len(steps)},
+                                  checkpoint={"output_dir": str(tmp_path / name / "run"), "save_every": 2})
+    launch(runs["straight"], procs=2)
+    reference = metrics(tmp_path / "straight" / "run")
+    assert [m["step"] for m in reference] == steps
 
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    config = write_config(crashed, tiny_dir, [data], model={"lora": lora},
-                          checkpoint={"output_dir": str(crashed / "run"), "save_every": 2})
-    run = launch(config, procs=2, extra=["--resume", "auto"], env={"LLMEMBED_CRASH_AFTER_STEP": "3"}, check=False)
-    assert run.returncode != 0
-    assert [m["step"] for m in metrics(crashed / "run")] == [1, 2, 3]
-    assert not (crashed / "run" / "final").exists()
-    launch(config, procs=2, extra=["--resume", "auto"])
-    resumed = metrics(crashed / "run")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # no duplicates, no gaps
-    for a, b in zip(resumed, reference):
+    run_dir = tmp_path / "crashed" / "run"
+
+    def past_a_checkpoint() -> bool:
+        # A checkpoint is complete (its `latest` marker exists) and a later step is logged:
+        # the kill then also cuts the log, which the resumed run must trim back.
+        tag = checkpoint.latest_tag(run_dir / "checkpoints")
+        logged = logged_steps(run_dir)
+        return tag is not None and bool(logged) and logged[-1] > int(tag.removeprefix(checkpoint.TAG_PREFIX))
+
+    launch_and_kill(runs["crashed"], past_a_checkpoint, procs=2, extra=["--resume", "auto"])
+    killed_at = logged_steps(run_dir)
+    assert killed_at == list(range(1, len(killed_at) + 1)) and len(killed_at) < len(steps), killed_at
+    assert not (run_dir / "final").exists()
+
+    out = launch(runs["crashed"], procs=2, extra=["--resume", "auto"]).stdout
+    resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", out).group(1))
+    assert 2 <= resumed_from < len(steps), out[-3000:]
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == steps  # no duplicates, no gaps
+    for a, b in zip(resumed, reference, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (resumed, reference)
-        assert abs(a["lr"] - b["lr"]) < 1e-12
+        assert a["lr"] == b["lr"]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == len(steps)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-
-from .processes import run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["apple", "river", "guitar", "planet", "doctor", "castle", "winter", "ocean", "train", "garden",
@@ -35,9 +37,9 @@ def write_pairs(path: Path, n: int = 64, offset: int = 0) -> Path:
 def write_config(tmp: Path, model_dir: Path, data: list[Path], **sections) -> Path:
     config = {
         "model": {"backbone": {"name_or_path": str(model_dir), "dtype": "float32"},
-                  "pooling": {"kind": "last_token"}, "lora": {"r": 4, "dropout": 0.0},
-                  "query_max_length": 32, "passage_max_length": 32},
-        "data": {"datasets": [{"path": str(p)} for p in data], "group_size": 2},
+                  "pooling": {"kind": "last_token"}, "lora": {"r": 4, "dropout": 0.0}},
+        "data": {"datasets": [{"path": str(p)} for p in data], "group_size": 2,
+                 "query_max_length": 32, "passage_max_length": 32},
         "train": {"lr": 1e-3, "per_device_batch_size": 4, "max_steps": 6, "seed": 3, "deepspeed": "zero2"},
         "checkpoint": {"output_dir": str(tmp / "run"), "save_every": 0, "keep_last": 2},
         "logging": {"progress_bar": False},
@@ -59,23 +61,106 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, procs: int = 1, launcher: str = "torchrun", extra: list[str] | None = None,
-           env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/train.py in ``procs`` real processes; the whole process group is killed by
-    PID on timeout or exit."""
+def _command(config: Path, procs: int, launcher: str, extra: list[str] | None) -> list[str]:
     python = sys.executable
     script = [str(REPO / "launch" / "train.py"), "--config", str(config), *(extra or [])]
     port = str(free_port())
     if procs == 1 and launcher == "python":
-        cmd = [python, *script]
-    elif launcher == "deepspeed":
-        cmd = [python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port", port, *script]
-    else:
-        cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, *script]
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    full_env.update(env or {})
-    return run_group(cmd, full_env, config.parent, timeout, "training", check)
+        return [python, *script]
+    if launcher == "deepspeed":
+        return [python, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port", port, *script]
+    return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, *script]
+
+
+def _env(env: dict | None) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            **(env or {})}
+
+
+def launch(config: Path, procs: int = 1, launcher: str = "torchrun", extra: list[str] | None = None,
+           env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/train.py in ``procs`` real processes (stdout and stderr together); on timeout
+    or exit the launcher and every rank are killed by PID (see :func:`kill_tree`)."""
+    cmd = _command(config, procs, launcher, extra)
+    proc = subprocess.Popen(cmd, cwd=config.parent, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        output, _ = proc.communicate()
+        raise AssertionError(f"training timed out after {timeout}s:\n{output[-5000:]}")
+    finally:
+        kill_tree(proc)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{output[-8000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def launch_and_kill(config: Path, until: Callable[[], bool], procs: int = 1, launcher: str = "torchrun",
+                    extra: list[str] | None = None, timeout: float = 600, poll_s: float = 0.02) -> str:
+    """Start a training run in its own session and SIGKILL all of it (launcher and every rank,
+    as an OOM killer or a preempted node would) as soon as ``until()`` holds. Returns the
+    run's output. Fails if the run ends, or times out, before it could be killed."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(_command(config, procs, launcher, extra), cwd=config.parent, env=_env(None),
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not until():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"training ended ({proc.returncode}) or timed out before the kill:\n"
+                                         f"{log.read()[-5000:]}")
+                time.sleep(poll_s)
+        finally:
+            kill_tree(proc)
+        log.seek(0)
+        return log.read()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group and every descendant, and wait until all are gone.
+
+    The group alone is not enough: torchrun starts each rank in a session of its own, so
+    ranks would outlive a killed launcher and keep writing checkpoints and metrics."""
+    import psutil  # a DeepSpeed dependency; imported here so free_port users need not have it
+
+    members = []
+    if proc.poll() is None:  # not reaped: the PID is still ours (at worst a zombie), its tree too
+        try:
+            root = psutil.Process(proc.pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for member in members:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(members, timeout=60)
+    assert not alive, f"processes survived SIGKILL: {alive}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl so far, read while a run may be writing it (a torn last line is
+    not a step yet)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            break
+    return steps

@@ -1,6 +1,8 @@
-"""Contrastive and ranking losses, one per file."""
+"""Contrastive and ranking losses, one per file, and the router that picks one per dataset."""
 
 from llmembed.losses.cosent import CoSENTLoss
 from llmembed.losses.infonce import InfoNCELoss, LossOutput
+from llmembed.losses.router import LOSS_NAMES, DatasetLoss, LossConfig, LossRouter, choose_loss
 
-__all__ = ["CoSENTLoss", "InfoNCELoss", "LossOutput"]
+__all__ = ["LOSS_NAMES", "CoSENTLoss", "DatasetLoss", "InfoNCELoss", "LossConfig", "LossOutput", "LossRouter",
+           "choose_loss"]

@@ -1,1 +1,1 @@
-"""The DeepSpeed training engine: config, loop, checkpoints, logging."""
+"""The DeepSpeed trainer: config, setup, step, loop, checkpoints, saving, logging (one job a module)."""

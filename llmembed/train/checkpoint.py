@@ -4,6 +4,7 @@ more: the sampler is a pure function of (seed, step)."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -30,14 +31,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, rank: int, keep_last: int) -> Path:
-    tag = f"{TAG_PREFIX}{step}"
-    # RNG first: DeepSpeed writes the `latest` marker last, so a kill mid-save never leaves a
-    # checkpoint that resume would pick without its RNG states.
-    (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), root / tag / f"rng_state_rank{rank}.pt")
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    """Save a checkpoint that is either complete or invisible to resume, wherever a kill lands.
+
+    RNG states first, then DeepSpeed's files, then the ``latest`` marker. DeepSpeed's own
+    marker is switched off: rank 0 writes it as soon as rank 0's files are done, while other
+    ranks may still be writing their optimizer shards. Ours is written after the barrier that
+    ends ``save_checkpoint`` (every rank done), atomically (rename), in DeepSpeed's format so
+    its ``zero_to_fp32`` tool still finds the tag.
+    """
     import torch.distributed as dist
 
+    tag = f"{TAG_PREFIX}{step}"
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), root / tag / f"rng_state_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    if rank == 0:
+        partial = root / "latest.tmp"
+        partial.write_text(tag)
+        os.replace(partial, root / "latest")
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and keep_last > 0:

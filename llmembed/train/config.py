@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from llmembed.config import ConfigError, from_dict
+from llmembed.losses.router import LOSS_NAMES, LossConfig
 from llmembed.model import EmbeddingModelConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -34,8 +35,8 @@ class DatasetConfig:
     loss: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.loss not in ("auto", "infonce", "cosent"):
-            raise ValueError(f"loss must be auto, infonce or cosent, got {self.loss!r}")
+        if self.loss != "auto" and self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss must be auto or one of {LOSS_NAMES}, got {self.loss!r}")
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.group_size is not None and self.group_size < 1:
@@ -47,22 +48,19 @@ class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     group_size: int = 2
     skip_invalid: bool = False
+    # Training cuts (a compute budget, not a model property): queries and passages longer than
+    # this are cut while training. None trains at the model's serving length (model.max_length),
+    # which encode, sentence-transformers and vLLM always use.
+    query_max_length: int | None = None
+    passage_max_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-
-
-@dataclass
-class LossConfig:
-    temperature: float = 0.02
-    symmetric: bool = False
-    cross_device_negatives: bool = True
-    cosent_scale: float = 20.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("query_max_length", "passage_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2 (room for one token and EOS), got {value}")
 
 
 @dataclass

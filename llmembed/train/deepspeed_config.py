@@ -1,8 +1,14 @@
-"""Fill a DeepSpeed JSON's "auto" values from the run config."""
+"""Fill a DeepSpeed JSON's "auto" values from the run config.
+
+``train.deepspeed`` names a preset (the JSONs of the top-level ``ds_configs/`` folder, installed
+as the package ``llmembed.ds_configs``) or a path to the user's own JSON. Presets are read as
+package resources, so an installed llmembed (wheel, ``pip install .``) needs no checkout.
+"""
 
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +17,25 @@ import torch
 from llmembed.train.config import TrainConfig
 
 PRESETS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+PRESET_PACKAGE = "llmembed.ds_configs"
 
 
-def _preset_path(name: str) -> Path:
+def read_preset_text(name: str) -> tuple[str, str]:
+    """The JSON text of ``train.deepspeed`` (a preset name or a file path) and where it came from."""
     if name in PRESETS:
-        return DS_CONFIG_DIR / PRESETS[name]
+        return files(PRESET_PACKAGE).joinpath(PRESETS[name]).read_text(), f"preset {name}"
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"train.deepspeed: {name!r} is neither a preset {sorted(PRESETS)} nor a JSON file")
-    return path
+    return path.read_text(), str(path)
 
 
 def build_ds_config(config: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
-    path = _preset_path(config.train.deepspeed)
+    text, where = read_preset_text(config.train.deepspeed)
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+        raise ValueError(f"{where}: not valid JSON: {err}") from None
     opt = config.train
     fills = {
         "train_micro_batch_size_per_gpu": opt.per_device_batch_size,

@@ -11,6 +11,14 @@ from pathlib import Path
 logger = logging.getLogger("llmembed.train")
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill mid-write counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLogger:
     def __init__(self, output_dir: Path, config, rank: int, total_steps: int, start_step: int,
                  run_config: dict) -> None:
@@ -23,7 +31,7 @@ class RunLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         # On resume, drop lines past the checkpoint so no step is logged twice.
         if self.metrics_path.exists():
-            kept = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
+            kept = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= start_step]
             self.metrics_path.write_text("".join(l + "\n" for l in kept))
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,98 @@
+"""Which loss trains which dataset, decided once.
+
+A dataset's loss is a property of its records, not of a batch: CoSENT needs a graded score on
+every record, InfoNCE needs positives (and optionally hard negatives). :func:`choose_loss`
+makes that choice when a dataset is loaded; :class:`LossRouter` binds each dataset's loss to
+its settings (group size, in-batch negatives) once, and the training step only asks it for
+``router(batch["dataset"])``. No loss name travels through batches, and adding a loss means
+one file here plus one branch in :meth:`LossRouter._bind`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from llmembed.losses.cosent import CoSENTLoss
+from llmembed.losses.infonce import InfoNCELoss, LossOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmembed.data.collate import LoadedDataset
+
+LOSS_NAMES = ("infonce", "cosent")
+
+
+@dataclass
+class LossConfig:
+    """The ``loss:`` section of a training config: settings shared by every dataset."""
+
+    temperature: float = 0.02
+    symmetric: bool = False
+    cross_device_negatives: bool = True
+    cosent_scale: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def choose_loss(requested: str, scored: Sequence[bool], where: str) -> str:
+    """The loss for a dataset whose records carry a score where ``scored`` is true.
+
+    ``auto`` picks CoSENT only when every record is scored: a partly scored set cannot be
+    ranked as a whole, and InfoNCE ignores scores. ``where`` names the dataset in errors.
+    """
+    if requested == "auto":
+        return "cosent" if scored and all(scored) else "infonce"
+    if requested not in LOSS_NAMES:
+        raise ValueError(f"{where}: unknown loss {requested!r}; choose auto or one of {LOSS_NAMES}")
+    if requested == "cosent" and not all(scored):
+        raise ValueError(f"{where}: loss cosent needs a score on every record")
+    return requested
+
+
+class DatasetLoss(Protocol):
+    """A loss bound to one dataset: embeddings in, loss and accuracy out."""
+
+    def __call__(self, queries: torch.Tensor, passages: torch.Tensor,
+                 scores: torch.Tensor | None = None) -> LossOutput: ...
+
+
+class LossRouter:
+    """One bound loss per loaded dataset, indexed like the dataset list the sampler draws from."""
+
+    def __init__(self, datasets: Sequence[LoadedDataset], config: LossConfig) -> None:
+        self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives)
+        self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
+        self.names = [ds.loss for ds in datasets]
+        self._losses = [self._bind(ds) for ds in datasets]
+
+    def _bind(self, ds: LoadedDataset) -> DatasetLoss:
+        if ds.loss == "infonce":
+            infonce, group, in_batch = self.infonce, ds.group_size, ds.in_batch_negatives
+
+            def run_infonce(queries: torch.Tensor, passages: torch.Tensor,
+                            scores: torch.Tensor | None = None) -> LossOutput:
+                return infonce(queries, passages, group, in_batch)
+
+            return run_infonce
+        if ds.loss == "cosent":
+            cosent, name = self.cosent, ds.name
+
+            def run_cosent(queries: torch.Tensor, passages: torch.Tensor,
+                           scores: torch.Tensor | None = None) -> LossOutput:
+                if scores is None:
+                    raise ValueError(f"dataset {name}: a CoSENT batch came without scores")
+                return cosent(queries, passages, scores)
+
+            return run_cosent
+        raise ValueError(f"dataset {ds.name}: unknown loss {ds.loss!r}; choose one of {LOSS_NAMES}")
+
+    def __call__(self, dataset: int) -> DatasetLoss:
+        return self._losses[dataset]
+
+    def __len__(self) -> int:
+        return len(self._losses)

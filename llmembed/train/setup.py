@@ -1,0 +1,225 @@
+"""Everything before the first step: join the process group, load the data, build the model,
+hand it to ``deepspeed.initialize`` and, when asked, resume from a checkpoint.
+
+The order matters and is kept in one place: the ZeRO-3 hook must exist before the model is
+loaded (so weights are partitioned while loading), the step count must be known before the LR
+schedule is made, and the RNG states are restored last (after model building consumed
+randomness), so a resumed run continues the very random stream the interrupted one had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmembed.backbone import resolve_dtype
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset
+from llmembed.data.readers import ReadReport, read_jsonl
+from llmembed.data.sampling import HomogeneousBatchSampler
+from llmembed.losses.router import LossRouter, choose_loss
+from llmembed.model import EmbeddingModel
+from llmembed.train import checkpoint
+from llmembed.train.config import TrainConfig
+from llmembed.train.deepspeed_config import (
+    build_ds_config,
+    offloads_optimizer,
+    zero_stage,
+)
+from llmembed.train.step import PairEncoder
+
+logger = logging.getLogger("llmembed.train")
+
+
+@dataclass
+class TrainSetup:
+    """What the loop needs, built once."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: Any  # the LR scheduler DeepSpeed steps
+    model: EmbeddingModel
+    datasets: list[LoadedDataset]
+    read_report: ReadReport
+    sampler: HomogeneousBatchSampler
+    collator: ContrastiveCollator
+    losses: LossRouter
+    total_steps: int
+    start_step: int
+    # transformers keeps only a weak reference to its DeepSpeed config and asks it whether
+    # ZeRO-3 is on (when loading, and in peft/gradient-checkpointing paths): keep it alive.
+    hf_deepspeed_config: Any = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.checkpoint.output_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher (deepspeed/torchrun) set up, or make a 1-process one."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available():
+        # The shared-memory allreduce op is a JIT-compiled C++ extension (~35 s) that needs CPU
+        # features not every machine has; gloo is enough for CPU training.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedDataset], ReadReport]:
+    """Read every dataset and fix its loss and group size now, from its records."""
+    if not config.data.datasets:
+        raise ValueError("data.datasets is empty: give at least one JSONL file")
+    report = ReadReport()
+    loaded = []
+    for i, ds in enumerate(config.data.datasets):
+        where = f"data.datasets[{i}] ({ds.path})"
+        records = read_jsonl(ds.path, skip_invalid=skip_invalid or config.data.skip_invalid, report=report)
+        if not records:
+            raise ValueError(f"{where} has no valid records")
+        loss = choose_loss(ds.loss, [r.score is not None for r in records], where)
+        # CoSENT compares (query, positive) pairs: no hard negatives in a group.
+        group = 1 if loss == "cosent" else (ds.group_size or config.data.group_size)
+        loaded.append(LoadedDataset(ds.name or Path(ds.path).stem, records, ds.instruction, ds.in_batch_negatives,
+                                    group, loss))
+    return loaded, report
+
+
+def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[EmbeddingModel, Any]:
+    """The model, loaded partitioned under ZeRO-3; also returns transformers' DeepSpeed hook
+    (None below ZeRO-3), which must outlive the model's use."""
+    hf_ds = None
+    if zero_stage(ds_config) == 3:
+        if config.model.backbone.quantization is not None:
+            raise ValueError("QLoRA (backbone.quantization) runs with ZeRO-2; set train.deepspeed=zero2")
+        # transformers' hook: from_pretrained partitions weights while loading under ZeRO-3.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model = EmbeddingModel.build(config.model, gradient_checkpointing=config.train.gradient_checkpointing)
+    return model, hf_ds
+
+
+def _scheduler_factory(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    from transformers import get_scheduler
+
+    opt = config.train
+    warmup = opt.warmup_steps or round(opt.warmup_ratio * total_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[opt.schedule]
+
+    def make(optimizer: torch.optim.Optimizer) -> Any:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    return make
+
+
+def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dict[str, Any],
+                      total_steps: int) -> tuple[Any, Any]:
+    """``deepspeed.initialize`` on the pair encoder; returns (engine, LR scheduler)."""
+    import deepspeed
+
+    opt = config.train
+    wrapper = PairEncoder(model)
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no trainable parameters")
+    optimizer = None
+    if not offloads_optimizer(ds_config):
+        # A plain torch optimizer: no JIT-compiled DeepSpeed op, identical math on every backend.
+        optimizer = torch.optim.AdamW(trainable, lr=opt.lr, weight_decay=opt.weight_decay)
+    else:
+        ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"lr": opt.lr, "weight_decay": opt.weight_decay}})
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=wrapper,
+        optimizer=optimizer,
+        model_parameters=trainable if optimizer is None else None,
+        lr_scheduler=_scheduler_factory(config, total_steps),
+        config=ds_config,
+    )
+    return engine, scheduler
+
+
+def resume_step(engine: Any, root: Path, resume: str | None, rank: int) -> int:
+    """Load ``resume`` ("auto": the latest checkpoint, if any; else a tag) and return its step."""
+    if resume is None:
+        return 0
+    tag = checkpoint.latest_tag(root) if resume == "auto" else resume
+    if tag is None:
+        if resume != "auto":
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint in {root}")
+        return 0
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint in {root}")
+    step = checkpoint.load(engine, root, tag, rank)
+    if rank == 0:
+        print(f"resumed from {root / tag} at step {step}")
+    return step
+
+
+def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool = False) -> TrainSetup:
+    """Build everything the loop needs, in the order that keeps runs and resumes reproducible."""
+    rank, world_size = init_distributed()
+    opt = config.train
+    seed_everything(opt.seed)
+    datasets, report = load_datasets(config, skip_invalid)
+    if report.skipped_total and rank == 0:
+        print(f"skipped {report.skipped_total} invalid record(s): {dict(report.skipped)}")
+    ds_config = build_ds_config(config, world_size, resolve_dtype(config.model.backbone.dtype) == torch.bfloat16)
+    model, hf_ds = build_model(config, ds_config)
+    # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
+    collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,
+                                   query_max_length=config.data.query_max_length,
+                                   passage_max_length=config.data.passage_max_length)
+    sampler = HomogeneousBatchSampler(
+        [len(d.records) for d in datasets],
+        [ds.weight for ds in config.data.datasets],
+        opt.per_device_batch_size * world_size,
+        seed=opt.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    accum = opt.gradient_accumulation_steps
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * sampler.steps_per_epoch / accum))
+    engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
+    start_step = resume_step(engine, Path(config.checkpoint.output_dir) / "checkpoints", resume, rank)
+    return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
+                      LossRouter(datasets, config.loss), total_steps, start_step, hf_ds)
