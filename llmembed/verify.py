@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,7 +245,17 @@ def _transformers(export_dir: Path, contract: ServingContract, probes: list[Prob
     return np.concatenate(vectors), tokens, str(model.dtype)
 
 
+def _interpreter(python: str) -> str:
+    """An absolute path for ``python`` (the worker runs in a temporary folder), or an error."""
+    found = shutil.which(python) if os.sep not in python else (python if Path(python).is_file() else None)
+    if found is None:
+        raise FileNotFoundError(f"vLLM interpreter {python!r} not found")
+    return str(Path(found).absolute())
+
+
 def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], python: str, timeout: float):
+    python = _interpreter(python)
+    export_dir = export_dir.absolute()
     with tempfile.TemporaryDirectory(prefix="llmembed-verify-") as tmp:
         tmp_path = Path(tmp)
         inputs, outputs = tmp_path / "in.json", tmp_path / "out.json"

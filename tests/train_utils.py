@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+from .processes import kill_tree, run_group
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["apple", "river", "guitar", "planet", "doctor", "castle", "winter", "ocean", "train", "garden",
@@ -81,20 +82,7 @@ def launch(config: Path, procs: int = 1, launcher: str = "torchrun", extra: list
            env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run launch/train.py in ``procs`` real processes (stdout and stderr together); on timeout
     or exit the launcher and every rank are killed by PID (see :func:`kill_tree`)."""
-    cmd = _command(config, procs, launcher, extra)
-    proc = subprocess.Popen(cmd, cwd=config.parent, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        output, _ = proc.communicate()
-        raise AssertionError(f"training timed out after {timeout}s:\n{output[-5000:]}")
-    finally:
-        kill_tree(proc)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{output[-8000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+    return run_group(_command(config, procs, launcher, extra), _env(env), config.parent, timeout, "training", check)
 
 
 def launch_and_kill(config: Path, until: Callable[[], bool], procs: int = 1, launcher: str = "torchrun",
@@ -117,34 +105,6 @@ def launch_and_kill(config: Path, until: Callable[[], bool], procs: int = 1, lau
             kill_tree(proc)
         log.seek(0)
         return log.read()
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc``'s process group and every descendant, and wait until all are gone.
-
-    The group alone is not enough: torchrun starts each rank in a session of its own, so
-    ranks would outlive a killed launcher and keep writing checkpoints and metrics."""
-    import psutil  # a DeepSpeed dependency; imported here so free_port users need not have it
-
-    members = []
-    if proc.poll() is None:  # not reaped: the PID is still ours (at worst a zombie), its tree too
-        try:
-            root = psutil.Process(proc.pid)
-            members = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for member in members:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    _, alive = psutil.wait_procs(members, timeout=60)
-    assert not alive, f"processes survived SIGKILL: {alive}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
