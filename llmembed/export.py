@@ -210,6 +210,8 @@ def model_card(out: Path, contract: ServingContract, dtype: str) -> str:
         "to vLLM requests.\n" if contract.output_dim else ""
     )
     normalised = "L2-normalised" if contract.normalize else "unnormalised"
+    # Say the dtype: vLLM's "auto" runs an fp32 checkpoint in fp16 on CPU.
+    served_dtype = dtype_name(DTYPES[dtype])
     eos = ("The tokenizer appends the EOS token itself, so every server sees the same tokens as training."
            if contract.append_eos else "No EOS token is appended (the model was trained without one).")
     return f"""---
@@ -243,11 +245,11 @@ print(model.similarity(q, p))
 
 ## vLLM
 ```bash
-vllm serve {name} --runner pooling
+vllm serve {name} --runner pooling --dtype {served_dtype}
 ```
 ```python
 from vllm import LLM
-llm = LLM("{name}", runner="pooling")
+llm = LLM("{name}", runner="pooling", dtype="{served_dtype}")
 out = llm.embed([{query_prefix!r} + "how do plants make food?"], tokenization_kwargs={{"truncate_prompt_tokens": -1}})
 ```
 {vllm_note}

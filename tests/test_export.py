@@ -121,6 +121,7 @@ def test_exported_tokenizer_appends_eos_only_for_last_token(tiny_llama_dir, tmp_
         assert not tok.chat_template and not (out / "chat_template.jinja").exists()
         card = (out / "README.md").read_text()
         assert "vllm serve" in card and "prompt_name=\"query\"" in card
+        assert "--dtype float32" in card  # vLLM's "auto" would run this fp32 export in fp16 on CPU
         modules = json.loads((out / "modules.json").read_text())
         assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
         prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
