@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ import torch
 from llmembed.backbone import dtype_name, set_bidirectional
 from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel
-from llmembed.serving import ServingContract
+from llmembed.serving import SERVING_FILE, ServingContract
 
 logger = logging.getLogger("llmembed.export")
 
@@ -51,27 +52,81 @@ class ExportError(RuntimeError):
 
 
 def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", instruction: str | None = None,
-           overwrite: bool = False, verify: bool = True, vllm_python: str | None = None) -> Path:
+           overwrite: bool = False, verify: bool = True, vllm_python: str | None = None,
+           trust_remote_code: bool = False) -> Path:
     """Export ``model_dir`` (written by :meth:`EmbeddingModel.save`) to ``out_dir``.
 
     ``instruction`` replaces the contract's default instruction in the exported query prompt.
     With ``verify`` the export's vectors are checked against our ``encode`` in every serving
     path (:func:`llmembed.verify.verify`); a mismatch raises :class:`ExportError`.
-    """
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
+    Nothing is deleted before everything is known to work: the checks on the folders come
+    first, the export is built in a temporary sibling of ``out_dir`` and moved into place only
+    when complete (and verified); ``overwrite`` replaces only a previous llmembed export.
+    """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    _check_destination(Path(model_dir), out, overwrite)
     # Merge in fp32 so the LoRA product is added at full precision, then cast.
-    model = EmbeddingModel.load(model_dir, dtype="float32", attn_implementation="sdpa", quantization=None)
+    model = EmbeddingModel.load(model_dir, trust_remote_code=trust_remote_code, dtype="float32",
+                                attn_implementation="sdpa", quantization=None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        report = _build(model, Path(model_dir), staging, out.name, dtype, instruction, verify, vllm_python)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if report is not None and not report.ok:
+        rejected = out.parent / f"{out.name}.unverified"
+        shutil.rmtree(rejected, ignore_errors=True)
+        os.replace(staging, rejected)
+        raise ExportError(f"serving parity check failed ({report.summary()}); {out} was left as it was, the "
+                          f"unverified export is in {rejected}")
+    _swap_into_place(staging, out)
+    logger.info("Exported %s -> %s", model_dir, out)
+    return out
+
+
+def _looks_like_export(folder: Path) -> bool:
+    return (folder / SERVING_FILE).is_file() and (folder / "modules.json").is_file()
+
+
+def _check_destination(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that would destroy the model or anything not made by an export."""
+    source, target = model_dir.resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ExportError(f"--out {out} is, contains or lies inside the model folder {model_dir}; choose another")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace a previous export")
+        if not _looks_like_export(out):
+            raise ExportError(f"{out} is not an llmembed export (no {SERVING_FILE} and modules.json); --overwrite "
+                              "replaces only previous exports, never other folders")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Two renames in one folder: the old export is moved aside before the new one takes its name."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: str, instruction: str | None,
+           verify: bool, vllm_python: str | None):
+    """Write the export into ``out``; return the parity report (None without ``verify``)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
     contract = model.contract
     if instruction is not None:
         from dataclasses import replace
@@ -117,17 +172,17 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
     _write_max_seq_length(out, contract.max_length)
     _check_config(out, contract)
     contract.save(out)
-    (out / "README.md").write_text(model_card(out, contract, dtype))
-    logger.info("Exported %s -> %s", model_dir, out)
-    if verify:
-        from llmembed.verify import verify as run_verify
+    (out / "README.md").write_text(model_card(name, contract, dtype))
+    if not verify:
+        return None
+    from llmembed.verify import verify as run_verify
 
-        report = run_verify(out, vllm_python=vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON"),
-                            reference=model)
-        print(report.table())
-        if not report.ok:
-            raise ExportError(f"{out}: serving parity check failed: {report.summary()}")
-    return out
+    report = run_verify(out, vllm_python=vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON"), reference=model)
+    report.export_dir = out.parent / name
+    print(report.table())
+    return report
+
+
 
 
 def serving_tokenizer(tokenizer, contract: ServingContract):
@@ -185,9 +240,8 @@ def _check_config(out: Path, contract: ServingContract) -> None:
     (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(out: Path, contract: ServingContract, dtype: str) -> str:
+def model_card(name: str, contract: ServingContract, dtype: str) -> str:
     pooling = contract.pooling.kind
-    name = out.name
     latent = pooling == "latent_attention"
     query_prefix, passage_prefix = contract.query_prefix(), contract.passage_prefix()
     st_load = (
@@ -267,11 +321,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="python of an environment with vLLM: the parity check then runs real vLLM too "
                              "(default: $LLMEMBED_VLLM_PYTHON)")
     parser.add_argument("--no-verify", action="store_true", help="skip the serving parity check")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model whose backbone or tokenizer runs code from its own files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = export(args.model, args.out, args.dtype, args.instruction, args.overwrite,
-                     verify=not args.no_verify, vllm_python=args.vllm_python)
+                     verify=not args.no_verify, vllm_python=args.vllm_python,
+                     trust_remote_code=args.trust_remote_code)
     except (ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -97,6 +97,19 @@ class EmbeddingModelConfig:
                    max_length=contract.max_length)
 
 
+def _refuse_remote_code(folder: Path, parts: list[Path], trust_remote_code: bool) -> None:
+    """transformers runs a folder's own ``.py`` files when its configs carry an ``auto_map``
+    and remote code is trusted; without the caller's consent, refuse such a folder."""
+    if trust_remote_code:
+        return
+    for part in parts:
+        for name in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+            path = part / name
+            if path.is_file() and "auto_map" in json.loads(path.read_text()):
+                raise ValueError(f"{path} asks to run code shipped in {folder} (auto_map). Load it only if you "
+                                 "trust that code: pass trust_remote_code=True (--trust-remote-code)")
+
+
 class EmbeddingModel(nn.Module):
     def __init__(self, config: EmbeddingModelConfig, backbone: nn.Module, tokenizer, pooling: Pooling,
                  contract: ServingContract | None = None) -> None:
@@ -162,25 +175,39 @@ class EmbeddingModel(nn.Module):
         (folder / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path, trainable: bool = False, **backbone_overrides: Any) -> "EmbeddingModel":
+    def load(cls, folder: str | Path, trainable: bool = False, trust_remote_code: bool = False,
+             **backbone_overrides: Any) -> "EmbeddingModel":
         """Load a folder written by :meth:`save`, or an export. ``backbone_overrides`` replace
-        fields of the saved backbone config (e.g. ``dtype="bfloat16"``)."""
+        fields of the saved backbone config (e.g. ``dtype="bfloat16"``).
+
+        Remote code runs only when the caller says so (``trust_remote_code``): a folder cannot
+        switch it on for itself, and one that needs it is refused with a message saying how.
+        """
         folder = Path(folder)
         if (folder / CONFIG_FILE).is_file():
-            return cls._load_trained(folder, trainable, backbone_overrides)
+            _refuse_remote_code(folder, [folder / "tokenizer", folder / "backbone", folder / "adapter"],
+                                trust_remote_code)
+            return cls._load_trained(folder, trainable, trust_remote_code, backbone_overrides)
         if (folder / SERVING_FILE).is_file() and (folder / "config.json").is_file():
-            return cls._load_export(folder, backbone_overrides)
+            _refuse_remote_code(folder, [folder], trust_remote_code)
+            return cls._load_export(folder, trust_remote_code, backbone_overrides)
         raise FileNotFoundError(f"{folder} is not an llmembed model folder (no {CONFIG_FILE}) nor an llmembed "
                                 f"export (no {SERVING_FILE})")
 
     @classmethod
-    def _load_trained(cls, folder: Path, trainable: bool, overrides: dict[str, Any]) -> "EmbeddingModel":
+    def _load_trained(cls, folder: Path, trainable: bool, trust_remote_code: bool,
+                      overrides: dict[str, Any]) -> "EmbeddingModel":
         config_path = folder / CONFIG_FILE
         payload = json.loads(config_path.read_text())
         version = payload.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ConfigError(f"{config_path}: format_version {version!r} is not supported (expected "
                               f"{FORMAT_VERSION}); it was written by another llmembed version")
+        if payload.get("backbone", {}).get("trust_remote_code") and not trust_remote_code:
+            raise ValueError(f"{config_path} was trained with trust_remote_code: its backbone runs code from its "
+                             "own files. Load it only if you trust them: pass trust_remote_code=True "
+                             "(--trust-remote-code on the command line)")
+        payload.get("backbone", {})["trust_remote_code"] = trust_remote_code
         contract = ServingContract.load(folder)
         config = EmbeddingModelConfig.from_parts(payload, contract, where=str(config_path))
         if overrides:
@@ -196,11 +223,12 @@ class EmbeddingModel(nn.Module):
         return cls(config, backbone, tokenizer, pooling, contract)
 
     @classmethod
-    def _load_export(cls, folder: Path, overrides: dict[str, Any]) -> "EmbeddingModel":
+    def _load_export(cls, folder: Path, trust_remote_code: bool, overrides: dict[str, Any]) -> "EmbeddingModel":
         from llmembed.export import pooling_weights_dir
 
         contract = ServingContract.load(folder)
-        backbone_config = replace(BackboneConfig(str(folder), bidirectional=not contract.is_causal), **overrides)
+        backbone_config = replace(BackboneConfig(str(folder), bidirectional=not contract.is_causal,
+                                                 trust_remote_code=trust_remote_code), **overrides)
         config = EmbeddingModelConfig.from_parts({}, contract)
         config = replace(config, backbone=backbone_config)
         tokenizer = load_tokenizer(str(folder), backbone_config.trust_remote_code)

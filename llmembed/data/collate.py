@@ -39,6 +39,13 @@ class ContrastiveCollator:
         for name, value in (("query_max_length", query_max_length), ("passage_max_length", passage_max_length)):
             if value is not None and not 2 <= value <= serving:
                 raise ValueError(f"data.{name}={value} must be between 2 and the model's max_length ({serving})")
+        for ds in datasets:
+            # Random negatives are other records' positives: a lone record without hard
+            # negatives has none to borrow (this used to loop forever).
+            if ds.group_size > 1 and len(ds.records) < 2 and not all(r.negatives for r in ds.records):
+                raise ValueError(f"dataset {ds.name}: group_size {ds.group_size} needs hard negatives or at least "
+                                 f"2 records to borrow random negatives from; it has {len(ds.records)} record(s) "
+                                 "without negatives (set group_size: 1 or add negatives)")
         self.text_tokenizer = text_tokenizer
         self.datasets = datasets
         self.seed = seed

@@ -26,9 +26,10 @@ class ReadReport:
         return sum(self.skipped.values())
 
 
-def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None) -> list[Record]:
+def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None,
+               ignore_unknown_keys: bool = False) -> list[Record]:
     """All records of ``path``. A bad line raises :class:`DataError` (``file:line: ...``), or is
-    counted in ``report`` when ``skip_invalid``."""
+    counted in ``report`` when ``skip_invalid``. Unknown keys are bad unless ``ignore_unknown_keys``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -47,7 +48,7 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport 
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"malformed JSON ({err.msg} at column {err.colno})") from None
-                records.append(parse_record(obj))
+                records.append(parse_record(obj, ignore_unknown_keys))
                 report.kept += 1
             except DataError as err:
                 message = f"{path}:{number}: {err}"

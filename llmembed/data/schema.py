@@ -12,6 +12,7 @@ name; readers add the file and line.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,8 +50,12 @@ _LAYOUTS = (
     ("anchor", "positive", "negative"),
     ("query", "pos", "neg"),
 )
-_KNOWN = {"query", "positive", "negatives", "instruction", "task", "score", "meta", "anchor", "negative",
-          "pos", "neg", "id", "_id"}
+# Keys every layout accepts besides its own three.
+_COMMON = ("instruction", "task", "score", "meta", "id", "_id")
+# Misspellings seen in public datasets, mapped to the canonical layout's key.
+_ALIASES = {"negative": "negatives", "neg": "negatives", "negs": "negatives", "hard_negatives": "negatives",
+            "hard_negative": "negatives", "pos": "positive", "positives": "positive", "anchor": "query",
+            "question": "query", "instructions": "instruction"}
 
 
 def _text(value: Any, name: str) -> str:
@@ -74,8 +79,21 @@ def _texts(value: Any, name: str, allow_empty: bool) -> list[str]:
     return out
 
 
-def parse_record(obj: Any) -> Record:
-    """Validate one decoded JSON value and return a :class:`Record`."""
+def _check_keys(obj: dict, layout: tuple[str, str, str]) -> None:
+    """A key the layout does not read would be lost without a word (``negative`` beside
+    ``query``/``positive`` drops every hard negative): name it, with the likely intended key."""
+    allowed = set(layout) | set(_COMMON)
+    for key in sorted(set(obj) - allowed):
+        guess = _ALIASES.get(key) if _ALIASES.get(key) in allowed else None
+        guess = guess or next(iter(difflib.get_close_matches(key, sorted(allowed), n=1)), None)
+        hint = f"; did you mean '{guess}'?" if guess else ""
+        raise DataError(f"field '{key}': unknown key for the {'/'.join(layout)} layout{hint} "
+                        "(data.ignore_unknown_keys: true skips unknown keys)")
+
+
+def parse_record(obj: Any, ignore_unknown_keys: bool = False) -> Record:
+    """Validate one decoded JSON value and return a :class:`Record`. Keys the record's layout
+    does not read are an error unless ``ignore_unknown_keys``."""
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
     layout = next((l for l in _LAYOUTS if l[0] in obj and l[1] in obj), None)
@@ -83,6 +101,8 @@ def parse_record(obj: Any) -> Record:
         if "query" not in obj and "anchor" not in obj:
             raise DataError("field 'query': missing")
         raise DataError("field 'positive': missing")
+    if not ignore_unknown_keys:
+        _check_keys(obj, layout)
     qk, pk, nk = layout
     query = _text(obj[qk], qk)
     positives = _texts(obj[pk], pk, allow_empty=False)

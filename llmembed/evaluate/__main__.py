@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="held-out JSONL (records schema)")
     parser.add_argument("--baseline", action="store_true", help="also score the untrained configuration")
     parser.add_argument("--json", help="write the scores here")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model whose backbone or tokenizer runs code from its own files")
     args = parser.parse_args(argv)
     try:
-        model = EmbeddingModel.load(args.model)
+        model = EmbeddingModel.load(args.model, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ more: the sampler is a pure function of (seed, step)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -11,23 +13,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 TAG_PREFIX = "step-"
+logger = logging.getLogger("llmembed.train")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every RNG the run draws from, as JSON-able numbers plus tensors: no pickle, so a crafted
+    checkpoint cannot run code when it is resumed."""
+    version, python_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numbers = {"python": [version, list(python_state), gauss],
+               "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return numbers, tensors
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(numbers: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, python_state, gauss = numbers["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, pos, has_gauss, cached = numbers["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rng_state_rank{rank}.json", folder / f"rng_state_rank{rank}.safetensors"
 
 
 def save(engine, root: Path, step: int, rank: int, keep_last: int) -> Path:
@@ -43,7 +60,10 @@ def save(engine, root: Path, step: int, rank: int, keep_last: int) -> Path:
 
     tag = f"{TAG_PREFIX}{step}"
     (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), root / tag / f"rng_state_rank{rank}.pt")
+    numbers, tensors = rng_state()
+    numbers_file, tensors_file = _rng_files(root / tag, rank)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensors_file))
+    numbers_file.write_text(json.dumps(numbers))
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     if rank == 0:
         partial = root / "latest.tmp"
@@ -71,7 +91,9 @@ def load(engine, root: Path, tag: str, rank: int) -> int:
                                              load_lr_scheduler_states=True)
     if client_state is None:
         raise RuntimeError(f"checkpoint {root / tag} could not be loaded")
-    rng_file = root / tag / f"rng_state_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    numbers_file, tensors_file = _rng_files(root / tag, rank)
+    if numbers_file.is_file() and tensors_file.is_file():
+        set_rng_state(json.loads(numbers_file.read_text()), load_file(str(tensors_file)))
+    else:
+        logger.warning("%s has no RNG state for rank %d: dropout after the resume will differ", root / tag, rank)
     return int(client_state["step"])

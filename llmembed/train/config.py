@@ -48,6 +48,9 @@ class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     group_size: int = 2
     skip_invalid: bool = False
+    # Keys a record's layout does not read are an error (a misspelt "negative" would drop every
+    # hard negative silently); true skips them instead.
+    ignore_unknown_keys: bool = False
     # Training cuts (a compute budget, not a model property): queries and passages longer than
     # this are cut while training. None trains at the model's serving length (model.max_length),
     # which encode, sentence-transformers and vLLM always use.

@@ -113,7 +113,8 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
     loaded = []
     for i, ds in enumerate(config.data.datasets):
         where = f"data.datasets[{i}] ({ds.path})"
-        records = read_jsonl(ds.path, skip_invalid=skip_invalid or config.data.skip_invalid, report=report)
+        records = read_jsonl(ds.path, skip_invalid=skip_invalid or config.data.skip_invalid, report=report,
+                             ignore_unknown_keys=config.data.ignore_unknown_keys)
         if not records:
             raise ValueError(f"{where} has no valid records")
         loss = choose_loss(ds.loss, [r.score is not None for r in records], where)

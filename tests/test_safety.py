@@ -1,0 +1,150 @@
+"""Nothing lost, nothing silently wrong (issue 8, first part): destructive export paths are
+refused before anything is touched, misspelt record keys and non-finite settings are named,
+and a one-record dataset cannot hang the collator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmembed.config import ConfigError
+from llmembed.data import DataError, read_jsonl
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset
+from llmembed.data.schema import Record
+from llmembed.export import ExportError, export
+from llmembed.model import EmbeddingModel
+from llmembed.train.config import load_config
+
+from .test_export import trained_model
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("safety") / "trained"
+    trained_model(tiny_llama_dir, "last_token", False).save(folder)
+    return folder
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("where", ["itself", "parent", "inside"])
+def test_export_never_writes_over_or_around_its_own_model(trained, where):
+    before = _files(trained)
+    out = {"itself": trained, "parent": trained.parent, "inside": trained / "export"}[where]
+    with pytest.raises(ExportError, match="model folder"):
+        export(trained, out, overwrite=True, verify=False)
+    assert _files(trained) == before
+    EmbeddingModel.load(trained)  # still loads
+
+
+def test_overwrite_replaces_only_a_previous_export(trained, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not an llmembed export"):
+        export(trained, precious, overwrite=True, verify=False)
+    assert (precious / "notes.txt").read_text() == "mine"
+    # A typo in the model folder is found before an existing export is touched.
+    out = export(trained, tmp_path / "export", verify=False)
+    before = _files(out)
+    with pytest.raises(FileNotFoundError):
+        export(tmp_path / "trainde", out, overwrite=True, verify=False)
+    assert _files(out) == before
+    # A real overwrite swaps the new export in whole and leaves no staging folders behind.
+    export(trained, out, overwrite=True, verify=False, instruction="Another task")
+    assert _files(out) == before
+    assert "Another task" in json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]["query"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "precious"]
+
+
+def test_misspelt_record_keys_are_named_with_the_likely_key(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"query": "q", "positive": "p", "negative": ["n"]}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'negative': unknown key .* did you mean 'negatives'"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"query": "q", "positive": "p", "negatvies": ["n"]}) + "\n")
+    with pytest.raises(DataError, match="did you mean 'negatives'"):
+        read_jsonl(path)
+    assert read_jsonl(path, ignore_unknown_keys=True)[0].negatives == []
+    # The anchor layout keeps its own singular key.
+    path.write_text(json.dumps({"anchor": "q", "positive": "p", "negative": "n", "id": 3}) + "\n")
+    assert read_jsonl(path)[0].negatives == ["n"]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused_for_every_float_setting(value):
+    with pytest.raises(ConfigError, match="loss.temperature: expected a finite number"):
+        load_config(None, [f"loss.temperature={value}"])
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(None, [f"train.lr={value}"])
+
+
+def test_one_record_dataset_is_a_clear_error_or_works(default_dir):
+    from llmembed.backbone import load_tokenizer
+    from llmembed.data.sampling import BatchRef
+    from llmembed.serving import ServingContract
+    from llmembed.tokenization import EmbeddingTokenizer
+
+    text_tokenizer = EmbeddingTokenizer(load_tokenizer(str(default_dir)), ServingContract())
+    lone = [Record("q", ["p"])]
+    with pytest.raises(ValueError, match="needs hard negatives or at least 2 records"):
+        ContrastiveCollator(text_tokenizer, [LoadedDataset("lone", lone, None, True, 2, "infonce")])
+    # With its own negative, or without negatives in the group, one record works.
+    with_negative = [Record("q", ["p"], ["n"])]
+    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", with_negative, None, True, 2, "infonce")])(
+        BatchRef(0, (0,), epoch=0, step=0))
+    assert batch["passage"]["input_ids"].shape[0] == 2
+    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", lone, None, True, 1, "infonce")])(
+        BatchRef(0, (0,), epoch=0, step=0))
+    assert batch["passage"]["input_ids"].shape[0] == 1
+
+
+def test_a_folder_cannot_switch_on_remote_code_for_itself(trained, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "asks"
+    shutil.copytree(trained, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "tokenizer" / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="auto_map.*trust_remote_code=True"):
+        EmbeddingModel.load(folder)
+    run = subprocess.run([sys.executable, "-m", "llmembed.export", "--model", str(folder), "--out",
+                          str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--trust-remote-code" in run.stderr and "Traceback" not in run.stderr
+    assert not marker.exists() and not (tmp_path / "export").exists()
+    # The saved training setting alone does not switch it on either.
+    shutil.copy(trained / "tokenizer" / "tokenizer_config.json", config_file)
+    saved = json.loads((folder / "llmembed_config.json").read_text())
+    saved["backbone"]["trust_remote_code"] = True
+    (folder / "llmembed_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="trained with trust_remote_code"):
+        EmbeddingModel.load(folder)
+    assert EmbeddingModel.load(folder, trust_remote_code=True).config.backbone.trust_remote_code is True
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmembed.train.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    numbers, tensors = rng_state()
+    (tmp_path / "n.json").write_text(json.dumps(numbers))  # JSON and safetensors: nothing to unpickle
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(json.loads((tmp_path / "n.json").read_text()), load_file(str(tmp_path / "t.safetensors")))
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == expected
