@@ -129,3 +129,55 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-6, (resumed, reference)
         assert a["lr"] == b["lr"]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == len(steps)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_dir, tmp_path):
+    """A torn file in the newest checkpoint and an empty `latest` marker: `--resume auto`
+    reports them and continues from the older intact checkpoint, with the losses and LRs of an
+    uninterrupted run."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    runs = {}
+    for name in ("straight", "damaged"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_dir, [data], model={"lora": {"r": 4, "dropout": 0.1}},
+                                  train={"max_steps": 6},
+                                  checkpoint={"output_dir": str(tmp_path / name / "run"), "save_every": 2,
+                                              "keep_last": 3})
+        launch(runs[name], launcher="python")
+    reference = metrics(tmp_path / "straight" / "run")
+    root = tmp_path / "damaged" / "run" / "checkpoints"
+    assert checkpoint.resume_candidates(root) == ["step-4", "step-2"]
+    states = sorted((root / "step-4").glob("*model_states.pt"))
+    assert states
+    states[0].write_bytes(states[0].read_bytes()[: states[0].stat().st_size // 2])
+    (root / "latest").write_text("")
+
+    out = launch(runs["damaged"], launcher="python", extra=["--resume", "auto"]).stdout
+    assert re.search(r"warning: checkpoint \S+step-4 could not be loaded", out), out[-3000:]
+    assert "resumed from" in out and re.search(r"resumed from \S+step-2 at step 2", out), out[-3000:]
+    resumed = metrics(tmp_path / "damaged" / "run")
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference] == list(range(1, 7))
+    for a, b in zip(resumed, reference, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (resumed, reference)
+        assert a["lr"] == b["lr"]
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 500})
+    run_dir = tmp_path / "run"
+    second = {}
+
+    def second_run_refused() -> bool:
+        if not logged_steps(run_dir):
+            return False
+        second["run"] = launch(config, launcher="python", check=False, timeout=300)
+        return True
+
+    launch_and_kill(config, second_run_refused, launcher="python")
+    result = second["run"]
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert re.search(r"is in use by another training run \(PID \d+\)", result.stdout), result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, len(steps) + 1))  # the refused run wrote nothing into the log

@@ -83,7 +83,25 @@ def latest_tag(root: Path) -> str | None:
     if not marker.is_file():
         return None
     tag = marker.read_text().strip()
-    return tag if (root / tag).is_dir() else None
+    return tag if tag and (root / tag).is_dir() else None
+
+
+def _step(tag: str) -> int | None:
+    number = tag[len(TAG_PREFIX):]
+    return int(number) if tag.startswith(TAG_PREFIX) and number.isdigit() else None
+
+
+def resume_candidates(root: Path) -> list[str]:
+    """Checkpoints to try for ``--resume auto``, best first: the one ``latest`` names, then older
+    ones, newest first. Checkpoints newer than ``latest`` are left out: a kill stopped them
+    before they were complete. Without a readable ``latest`` every checkpoint is a candidate
+    (a failed load falls through to the next)."""
+    tags = sorted((p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and _step(p.name) is not None),
+                  key=_step, reverse=True)
+    latest = latest_tag(root)
+    if latest is None or _step(latest) is None:
+        return tags
+    return [latest] + [t for t in tags if _step(t) < _step(latest)]
 
 
 def load(engine, root: Path, tag: str, rank: int) -> int:

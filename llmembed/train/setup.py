@@ -60,6 +60,8 @@ class TrainSetup:
     # transformers keeps only a weak reference to its DeepSpeed config and asks it whether
     # ZeRO-3 is on (when loading, and in peft/gradient-checkpointing paths): keep it alive.
     hf_deepspeed_config: Any = None
+    # The open lock file on output_dir (rank 0): held until the process ends.
+    run_lock: Any = None
 
     @property
     def output_dir(self) -> Path:
@@ -180,25 +182,74 @@ def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dic
 
 
 def resume_step(engine: Any, root: Path, resume: str | None, rank: int) -> int:
-    """Load ``resume`` ("auto": the latest checkpoint, if any; else a tag) and return its step."""
+    """Load ``resume`` and return its step. A tag must load; ``auto`` takes the newest
+    checkpoint that loads on every rank, reporting each damaged one it passes over (a
+    truncated file, an empty ``latest``), and starts from scratch only when there is none."""
     if resume is None:
         return 0
-    tag = checkpoint.latest_tag(root) if resume == "auto" else resume
-    if tag is None:
-        if resume != "auto":
+    if resume != "auto":
+        if not (root / resume).is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint in {root}")
-        return 0
-    if not (root / tag).is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint in {root}")
-    step = checkpoint.load(engine, root, tag, rank)
-    if rank == 0:
-        print(f"resumed from {root / tag} at step {step}")
-    return step
+        step = checkpoint.load(engine, root, resume, rank)
+        if rank == 0:
+            print(f"resumed from {root / resume} at step {step}")
+        return step
+    candidates = checkpoint.resume_candidates(root)
+    for tag in candidates:
+        try:
+            step, problem = checkpoint.load(engine, root, tag, rank), ""
+        except Exception as err:  # any damage: a torn file, a missing shard, a bad pickle
+            step, problem = -1, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if _everywhere(step >= 0):
+            if rank == 0:
+                print(f"resumed from {root / tag} at step {step}")
+            return step
+        if rank == 0 or problem:
+            print(f"warning: checkpoint {root / tag} could not be loaded on rank {rank} ({problem or 'another rank'}); "
+                  "trying an older one")
+    if candidates:
+        raise ValueError(f"--resume auto: none of the checkpoints in {root} could be loaded ({', '.join(candidates)})")
+    return 0
+
+
+def _everywhere(ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def lock_output_dir(output_dir: Path):
+    """Hold an exclusive lock on ``output_dir`` for the life of this process (the OS drops it
+    when the process dies, however it dies), so a second trainer, or a worker that outlived its
+    launcher, is refused instead of interleaving checkpoints and metrics with this run."""
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / ".llmembed-run.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(f"{output_dir} is in use by another training run (PID {holder}); wait for it or stop it, "
+                         "or set checkpoint.output_dir to another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool = False) -> TrainSetup:
     """Build everything the loop needs, in the order that keeps runs and resumes reproducible."""
     rank, world_size = init_distributed()
+    # Rank 0 writes every file of the run; its lock is the run's.
+    run_lock = lock_output_dir(Path(config.checkpoint.output_dir)) if rank == 0 else None
     opt = config.train
     seed_everything(opt.seed)
     datasets, report = load_datasets(config, skip_invalid)
@@ -223,4 +274,4 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
     start_step = resume_step(engine, Path(config.checkpoint.output_dir) / "checkpoints", resume, rank)
     return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
-                      LossRouter(datasets, config.loss), total_steps, start_step, hf_ds)
+                      LossRouter(datasets, config.loss), total_steps, start_step, hf_ds, run_lock)
