@@ -56,6 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def decoding_settings(args: argparse.Namespace) -> dict:
+    """The backend options that change the generated text, recorded in the run key. The
+    transformers backend seeds each generate call from its batch, so the batch size counts;
+    an OpenAI server's own settings are outside our reach."""
+    if args.backend == "transformers":
+        return {"constrained": not args.no_constrained, "dtype": args.dtype, "batch_size": args.batch_size}
+    if args.backend == "vllm":
+        return {"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size,
+                "max_model_len": args.max_model_len}
+    return {}
+
+
 def backend_factory(args: argparse.Namespace):
     def make():
         if args.backend == "transformers":
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, max_attempts=args.max_attempts,
         shard_size=args.shard_size, num_shards=args.num_shards, shard_index=args.shard_index,
         taxonomy=args.taxonomy, tasks_file=args.tasks_file, decontaminate=args.decontaminate,
-        max_field_chars=args.max_field_chars,
+        max_field_chars=args.max_field_chars, decoding=decoding_settings(args),
     )
     try:
         pipeline = Pipeline(settings, backend_factory(args))

@@ -51,6 +51,9 @@ class Settings:
     tasks_file: str | None = None
     decontaminate: str | None = None
     max_field_chars: int | None = None
+    # The backend's settings that change what is generated (constrained decoding, dtype, the
+    # batch a seed is drawn for...): part of the run key, so a rerun with others is refused.
+    decoding: dict = field(default_factory=dict)
 
     def run_key(self) -> dict:
         """Settings that must match for a rerun to continue an existing output folder."""

@@ -182,3 +182,28 @@ def test_store_writes_shards_once(tmp_path):
     with pytest.raises(RuntimeError, match="never rewritten"):
         store.write(0, [], [], {})
     assert not list(tmp_path.rglob(".*"))  # no temp files left behind
+
+
+def test_a_rerun_with_other_decoding_settings_is_refused(tmp_path):
+    """--no-constrained (or another dtype or batch size) on a partial output would mix two
+    kinds of generations under one manifest: the rerun is refused with the setting named."""
+    import subprocess
+    import sys
+
+    base = dict(out=str(tmp_path), categories=["sts"], num_tasks=1, examples_per_task=1)
+    first = Pipeline(Settings(**base, decoding={"constrained": True, "dtype": "auto", "batch_size": 8}), lambda: None)
+    first.check_output_folder()
+    first.write_manifest(complete=False)
+    manifest = tmp_path / "manifest.json"
+    before = manifest.read_text()
+    other = Pipeline(Settings(**base, decoding={"constrained": False, "dtype": "auto", "batch_size": 8}), lambda: None)
+    with pytest.raises(ValueError, match=r"other settings \(decoding\)"):
+        other.check_output_folder()
+    run = subprocess.run([sys.executable, "-m", "synth.generate", "--out", str(tmp_path), "--categories", "sts",
+                          "--num-tasks", "1", "--examples-per-task", "1", "--no-constrained", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "other settings (decoding)" in run.stderr and "Traceback" not in run.stderr
+    assert manifest.read_text() == before
+    # The same settings continue.
+    Pipeline(Settings(**base, decoding={"constrained": True, "dtype": "auto", "batch_size": 8}),
+             lambda: None).check_output_folder()
