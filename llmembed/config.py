@@ -19,6 +19,43 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names it."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Where a numeric setting may lie; ``None`` bounds are open. ``None`` values (unset
+    optional settings) are always in range."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        for bound, fails, words in ((self.ge, lambda b: value < b, ">="), (self.gt, lambda b: value <= b, ">"),
+                                    (self.le, lambda b: value > b, "<="), (self.lt, lambda b: value >= b, "<")):
+            if bound is not None and fails(bound):
+                return f"must be {words} {bound}, got {value!r}"
+        return None
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field whose numeric value must lie in a range, checked by :func:`from_dict`
+    (with the key's full path) and by :func:`check_ranges` for objects built in Python."""
+    return dataclasses.field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise ValueError for the first field of dataclass ``obj`` outside its declared range;
+    call it from ``__post_init__``."""
+    for f in dataclasses.fields(obj):
+        declared = f.metadata.get("range")
+        problem = declared.problem(getattr(obj, f.name)) if declared else None
+        if problem:
+            raise ValueError(f"{f.name} {problem}")
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -101,6 +138,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(hints[name], value, key)
+        declared = known[name].metadata.get("range")
+        problem = declared.problem(kwargs[name]) if declared else None
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:

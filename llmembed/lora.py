@@ -11,21 +11,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmembed.config import bounded, check_ranges
+
 
 @dataclass
 class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.1
+    r: int = bounded(16, ge=1)
+    alpha: int = bounded(32, ge=1)
+    dropout: float = bounded(0.1, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     # Modules (besides the adapters) to train and save, e.g. ["embed_tokens"] after adding tokens.
     modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_ranges(self)
 
     def to_peft(self):
         from peft import LoraConfig

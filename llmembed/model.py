@@ -37,7 +37,7 @@ from llmembed.backbone import (
     load_tokenizer,
     resolve_backbone_path,
 )
-from llmembed.config import ConfigError, from_dict
+from llmembed.config import ConfigError, bounded, check_ranges, from_dict
 from llmembed.lora import LoraSettings, apply_lora, is_peft_model, load_lora
 from llmembed.pooling import Pooling, PoolingConfig, build_pooling
 from llmembed.prompts import PromptConfig
@@ -62,18 +62,15 @@ class EmbeddingModelConfig:
     lora: LoraSettings | None = None
     normalize: bool = True
     # Keep the first ``output_dim`` dimensions (Matryoshka); None keeps all.
-    output_dim: int | None = None
+    output_dim: int | None = bounded(None, ge=1)
     # Append EOS to every text; None means "only for last_token pooling".
     append_eos: bool | None = None
     # The serving length: the longest input encode, sentence-transformers and vLLM embed.
     # Training can cut shorter (data.query_max_length / data.passage_max_length).
-    max_length: int = 512
+    max_length: int = bounded(512, ge=2)  # room for one token and EOS
 
     def __post_init__(self) -> None:
-        if self.output_dim is not None and self.output_dim < 1:
-            raise ValueError(f"output_dim must be >= 1, got {self.output_dim}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        check_ranges(self)
 
     def contract(self) -> ServingContract:
         return ServingContract.from_config(self)

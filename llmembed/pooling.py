@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmembed.config import bounded, check_ranges
+
 POOLING_KINDS = ("last_token", "mean", "latent_attention")
 WEIGHTS_NAME = "model.safetensors"
 
@@ -37,18 +39,16 @@ class PoolingConfig:
     kind: str = "last_token"
     include_instruction: bool = True
     # latent_attention only (NV-Embed used 512 latents and 8 heads on a 4096-wide Mistral).
-    num_latents: int = 512
-    num_heads: int = 8
-    mlp_ratio: int = 4
+    num_latents: int = bounded(512, ge=1)
+    num_heads: int = bounded(8, ge=1)
+    mlp_ratio: int = bounded(4, ge=1)
 
     def __post_init__(self) -> None:
         if self.kind not in POOLING_KINDS:
             raise ValueError(f"pooling.kind: {self.kind!r} is not one of {POOLING_KINDS}")
         if self.kind == "last_token" and not self.include_instruction:
             raise ValueError("pooling.include_instruction=false has no meaning for last_token pooling")
-        for name in ("num_latents", "num_heads", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pooling.{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self)
 
 
 def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from llmembed.argtypes import float_in, int_at_least
 from synth.backends import BackendError, create_backend
 from synth.pipeline import Settings, Pipeline
 
@@ -20,32 +21,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (shards, raw generations, manifest)")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "openai"])
     p.add_argument("--model", default="default", help="'default' (packaged SmolLM2), a folder or a model id")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-tasks", type=int, default=4, help="task definitions per category (brainstormed)")
-    p.add_argument("--examples-per-task", type=int, default=2)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--num-tasks", type=int_at_least(1), default=4, help="task definitions per category (brainstormed)")
+    p.add_argument("--examples-per-task", type=int_at_least(1), default=2)
     p.add_argument("--categories", nargs="*", default=[], help="subset of the taxonomy's categories")
     p.add_argument("--languages", nargs="*", default=[], help="subset of languages (default: weighted list)")
     p.add_argument("--taxonomy", help="YAML taxonomy to use instead of the built-in one")
     p.add_argument("--tasks-file", help='JSON {"category": ["task definition", ...]} used instead of brainstorming')
     p.add_argument("--decontaminate", help="text file of evaluation texts (one per line) to keep out")
-    p.add_argument("--max-field-chars", type=int, help="cap every generated string field at this many characters")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--max-attempts", type=int, default=3, help="tries per example when a generation fails to parse")
-    p.add_argument("--shard-size", type=int, default=64, help="examples per output shard (the unit of resume)")
-    p.add_argument("--num-shards", type=int, default=1, help="data-parallel processes over the work items")
-    p.add_argument("--shard-index", type=int, default=0, help="this process's index in 0..num-shards-1")
-    p.add_argument("--batch-size", type=int, default=8, help="transformers backend: prompts per generate call")
+    p.add_argument("--max-field-chars", type=int_at_least(1), help="cap every generated string field at this many characters")
+    p.add_argument("--temperature", type=float_in(0.0), default=1.0)
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--max-tokens", type=int_at_least(1), default=512)
+    p.add_argument("--max-attempts", type=int_at_least(1), default=3, help="tries per example when a generation fails to parse")
+    p.add_argument("--shard-size", type=int_at_least(1), default=64, help="examples per output shard (the unit of resume)")
+    p.add_argument("--num-shards", type=int_at_least(1), default=1, help="data-parallel processes over the work items")
+    p.add_argument("--shard-index", type=int_at_least(0), default=0, help="this process's index in 0..num-shards-1")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="transformers backend: prompts per generate call")
     p.add_argument("--no-constrained", action="store_true", help="transformers backend: no JSON-schema decoding")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm backend")
+    p.add_argument("--tensor-parallel-size", type=int_at_least(1), default=1, help="vllm backend")
     p.add_argument("--dtype", default="auto", help="vllm/transformers dtype")
     p.add_argument("--enforce-eager", action="store_true", help="vllm backend: no CUDA graphs / compilation")
-    p.add_argument("--max-model-len", type=int, default=4096, help="vllm backend")
+    p.add_argument("--max-model-len", type=int_at_least(16), default=4096, help="vllm backend")
     p.add_argument("--base-url", help="openai backend: e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai backend: env var holding the key")
-    p.add_argument("--concurrency", type=int, default=8, help="openai backend: requests in flight")
-    p.add_argument("--max-retries", type=int, default=5,
+    p.add_argument("--concurrency", type=int_at_least(1), default=8, help="openai backend: requests in flight")
+    p.add_argument("--max-retries", type=int_at_least(0), default=5,
                    help="openai backend: retries per request (the client's exponential backoff with jitter)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

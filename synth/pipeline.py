@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmembed import runlock
 from synth.backends import Backend, ChatRequest
 from synth.filters import RecordFilter, normalise
 from synth.parse import ParseError, parse_example, parse_tasks, to_record
@@ -84,6 +85,9 @@ class Pipeline:
                                                                   settings.languages or None)
         self.out = Path(settings.out)
         self.part = f"part{settings.shard_index:03d}of{settings.num_shards:03d}"
+        if settings.decontaminate and not Path(settings.decontaminate).is_file():
+            raise FileNotFoundError(f"--decontaminate {settings.decontaminate}: no such file")
+        self.user_tasks = read_tasks_file(settings.tasks_file) if settings.tasks_file else {}
         self.store = ShardStore(self.out, self.part)
         self.started = time.perf_counter()
 
@@ -99,23 +103,33 @@ class Pipeline:
         # Data-parallel processes share --out; each keeps its own manifest.
         return self.out / ("manifest.json" if self.s.num_shards == 1 else f"manifest.{self.part}.json")
 
+    def previous_manifest(self) -> dict:
+        """The manifest a previous run left in --out ({} if none)."""
+        path = self.manifest_path
+        if not path.exists():
+            return {}
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable manifest ({err}); it is written atomically, so this is not "
+                             "from an interrupted run: move it away to start over in this folder") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{path}: not a synth manifest")
+        return manifest
+
     def check_output_folder(self) -> None:
-        manifest = self.manifest_path
-        if manifest.is_file():
-            previous = json.loads(manifest.read_text()).get("run_key")
-            if previous is not None and previous != self.s.run_key():
-                changed = sorted(k for k in set(previous) | set(self.s.run_key())
-                                 if previous.get(k) != self.s.run_key().get(k))
-                raise ValueError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
-                                 "use another --out or the same settings")
+        previous = self.previous_manifest().get("run_key")
+        if previous is not None and previous != self.s.run_key():
+            changed = sorted(k for k in set(previous) | set(self.s.run_key())
+                             if previous.get(k) != self.s.run_key().get(k))
+            raise ValueError(f"{self.out} holds a run with other settings ({', '.join(changed)}); "
+                             "use another --out or the same settings")
 
     # ------------------------------------------------------------------ brainstorm
     def brainstorm(self) -> dict[str, list[str]]:
         path = self.out / "brainstorm.json"
         wanted = [c for c in self.taxonomy.categories.values() if c.brainstorm]
-        user: dict[str, list[str]] = {}
-        if self.s.tasks_file:
-            user = json.loads(Path(self.s.tasks_file).read_text(encoding="utf-8"))
+        user = self.user_tasks
         if path.is_file():
             return json.loads(path.read_text())["tasks"]
         tasks: dict[str, list[str]] = {}
@@ -241,8 +255,18 @@ class Pipeline:
         return stats
 
     def run(self, progress: bool = True) -> dict:
+        # One writer per part of --out (data-parallel parts each take their own); a second
+        # command on the same part would write the same shards twice.
+        lock = runlock.hold(self.out, f".synth-{self.part}.lock", "synth run",
+                            "wait for it or stop it, or use another --out")
+        try:
+            return self._run(progress)
+        finally:
+            lock.close()
+
+    def _run(self, progress: bool) -> dict:
         self.check_output_folder()
-        previous = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {}
+        previous = self.previous_manifest()
         if not previous.get("complete"):
             self.backend  # load it now: a missing package or a bad model fails before any work
         self.write_manifest(complete=False)
@@ -289,6 +313,22 @@ class Pipeline:
         }
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
         return manifest
+
+
+def read_tasks_file(path: str) -> dict[str, list[str]]:
+    """``--tasks-file``: JSON {"category": ["task definition", ...]}, checked before any work."""
+    try:
+        tasks = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--tasks-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"--tasks-file {path}: not valid JSON ({err})") from None
+    if not isinstance(tasks, dict):
+        raise ValueError(f'--tasks-file {path}: expected {{"category": ["task definition", ...]}}')
+    for category, definitions in tasks.items():
+        if not isinstance(definitions, list) or not all(isinstance(d, str) and d.strip() for d in definitions):
+            raise ValueError(f"--tasks-file {path}: {category!r} must be a list of non-empty strings")
+    return tasks
 
 
 def plausible_task(task: str) -> bool:

@@ -27,7 +27,18 @@ class Taxonomy:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Taxonomy":
         path = Path(path) if path else DEFAULT_TAXONOMY
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            raise FileNotFoundError(f"--taxonomy {path}: no such file")
+        try:
+            return cls._parse(yaml.safe_load(path.read_text(encoding="utf-8")), path)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"--taxonomy {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"--taxonomy {path}: expected mappings 'parameters', 'categories' and 'languages' "
+                             f"as in the built-in synth/taxonomy.yaml ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def _parse(cls, data: dict, path: Path) -> "Taxonomy":
         parameters = {k: list(v) for k, v in data["parameters"].items()}
         categories = {}
         for name, spec in data["categories"].items():

@@ -82,6 +82,73 @@ def test_non_finite_numbers_are_refused_for_every_float_setting(value):
         load_config(None, [f"train.lr={value}"])
 
 
+def _numeric_settings(cls=None, prefix=""):
+    """(dotted key, field) for every int/float setting a training config has, nested ones too."""
+    import dataclasses
+    import typing
+
+    from llmembed.config import _unwrap_optional
+    from llmembed.train.config import TrainConfig
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_settings(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float):
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_numeric_setting_declares_and_enforces_its_range():
+    """The class of fault, not one case: each int/float setting (present and future) has a
+    declared range, and a value just outside it is refused naming the full key."""
+    settings = list(_numeric_settings())
+    assert len(settings) >= 25
+    undeclared = [key for key, f in settings if "range" not in f.metadata]
+    assert not undeclared, f"settings without a declared range: {undeclared}"
+    for key, f in settings:
+        bounds = f.metadata["range"]
+        is_int = "int" in str(f.type)
+        outside = []
+        if bounds.ge is not None:
+            outside.append(bounds.ge - 1 if is_int else bounds.ge - 0.5)
+        if bounds.gt is not None:
+            outside.append(bounds.gt)
+        if bounds.le is not None:
+            outside.append(bounds.le + 1)
+        if bounds.lt is not None:
+            outside.append(bounds.lt)
+        assert outside, key
+        for value in outside:
+            if key.startswith("data.datasets."):
+                override = f"data.datasets=[{{path: x.jsonl, {key.rsplit('.', 1)[1]}: {value}}}]"
+                expected = rf"data\.datasets\[0\]\.{key.rsplit('.', 1)[1]}: must be"
+            else:
+                if key.startswith("model.lora."):
+                    override = f"model.lora={{{key.rsplit('.', 1)[1]}: {value}}}"
+                else:
+                    override = f"{key}={value}"
+                expected = rf"{key.replace('.', '[.]')}: must be"
+            with pytest.raises(ConfigError, match=expected):
+                load_config(None, [override])
+    # The boundary itself is accepted where the range is closed.
+    config = load_config(None, ["train.warmup_ratio=1.0", "checkpoint.keep_last=0", "train.seed=0"])
+    assert (config.train.warmup_ratio, config.checkpoint.keep_last, config.train.seed) == (1.0, 0, 0)
+
+
+def test_ranges_hold_for_configs_built_in_python_too():
+    from llmembed.lora import LoraSettings
+    from llmembed.train.config import OptimConfig
+
+    with pytest.raises(ValueError, match="dropout must be < 1.0"):
+        LoraSettings(dropout=1.0)
+    with pytest.raises(ValueError, match="per_device_batch_size must be >= 1, got 0"):
+        OptimConfig(per_device_batch_size=0)
+
+
 def test_one_record_dataset_is_a_clear_error_or_works(default_dir):
     from llmembed.backbone import load_tokenizer
     from llmembed.data.sampling import BatchRef

@@ -207,3 +207,32 @@ def test_a_rerun_with_other_decoding_settings_is_refused(tmp_path):
     # The same settings continue.
     Pipeline(Settings(**base, decoding={"constrained": True, "dtype": "auto", "batch_size": 8}),
              lambda: None).check_output_folder()
+
+
+def test_a_second_synth_on_the_same_output_is_refused(tmp_path):
+    """Two commands on one --out would write the same shards twice: the second is refused with
+    the holder's PID, before it touches anything; the lock goes when the holder dies."""
+    import subprocess
+    import sys
+
+    from tests.processes import kill_tree
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from llmembed import runlock; "
+         "h = runlock.hold(__import__('pathlib').Path(sys.argv[1]), '.synth-part000of001.lock', 'synth run', ''); "
+         "print('held', flush=True); time.sleep(300)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    command = [sys.executable, "-m", "synth.generate", "--out", str(tmp_path), "--categories", "sts",
+               "--num-tasks", "1", "--examples-per-task", "1", "--no-progress"]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        kill_tree(holder)
+    assert run.returncode == 2, run.stderr
+    assert f"is in use by another synth run (PID {holder.pid})" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "manifest.json").exists()
+    # The OS released the killed holder's lock: no stale lock to clear by hand.
+    from llmembed import runlock
+
+    runlock.hold(tmp_path, ".synth-part000of001.lock", "synth run", "").close()

@@ -11,9 +11,12 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import yaml
+
+from llmembed.argtypes import float_in
 
 INSTRUCTION = "Given a question, retrieve the answer to it"
 
@@ -60,8 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", choices=["chatterbot"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--language", default="english")
-    parser.add_argument("--heldout-share", type=float, default=0.2)
+    parser.add_argument("--heldout-share", type=float_in(0.0, 0.9, low_open=True), default=0.2)
     args = parser.parse_args(argv)
+    try:
+        folder = chatterbot_dir(args.language)
+        if not folder.is_dir():
+            raise RuntimeError(f"--language {args.language}: chatterbot-corpus has no such language "
+                               f"({', '.join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir()))})")
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = split(chatterbot_pairs(args.language), args.heldout_share)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from llmembed.config import bounded, check_ranges
+
 from llmembed.losses.cosent import CoSENTLoss
 from llmembed.losses.infonce import InfoNCELoss, LossOutput
 
@@ -29,14 +31,13 @@ LOSS_NAMES = ("infonce", "cosent")
 class LossConfig:
     """The ``loss:`` section of a training config: settings shared by every dataset."""
 
-    temperature: float = 0.02
+    temperature: float = bounded(0.02, gt=0.0)
     symmetric: bool = False
     cross_device_negatives: bool = True
-    cosent_scale: float = 20.0
+    cosent_scale: float = bounded(20.0, gt=0.0)
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_ranges(self)
 
 
 def choose_loss(requested: str, scored: Sequence[bool], where: str) -> str:

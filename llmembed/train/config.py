@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llmembed.config import ConfigError, from_dict
+from llmembed.config import ConfigError, bounded, check_ranges, from_dict
 from llmembed.losses.router import LOSS_NAMES, LossConfig
 from llmembed.model import EmbeddingModelConfig
 
@@ -24,29 +24,26 @@ SCHEDULES = ("linear", "cosine", "constant")
 class DatasetConfig:
     path: str
     name: str | None = None
-    weight: float = 1.0
+    weight: float = bounded(1.0, ge=0.0)
     # Used for records without their own instruction; None falls back to prompts.default_instruction.
     instruction: str | None = None
     # False for tasks where other queries' positives are not negatives (classification labels).
     in_batch_negatives: bool = True
     # 1 positive + (group_size - 1) hard negatives per query; None uses data.group_size.
-    group_size: int | None = None
+    group_size: int | None = bounded(None, ge=1)
     # "auto": CoSENT when every record carries a score, InfoNCE otherwise.
     loss: str = "auto"
 
     def __post_init__(self) -> None:
         if self.loss != "auto" and self.loss not in LOSS_NAMES:
             raise ValueError(f"loss must be auto or one of {LOSS_NAMES}, got {self.loss!r}")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        check_ranges(self)
 
 
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
-    group_size: int = 2
+    group_size: int = bounded(2, ge=1)
     skip_invalid: bool = False
     # Keys a record's layout does not read are an error (a misspelt "negative" would drop every
     # hard negative silently); true skips them instead.
@@ -54,54 +51,51 @@ class DataConfig:
     # Training cuts (a compute budget, not a model property): queries and passages longer than
     # this are cut while training. None trains at the model's serving length (model.max_length),
     # which encode, sentence-transformers and vLLM always use.
-    query_max_length: int | None = None
-    passage_max_length: int | None = None
+    # At least 2: room for one token and EOS.
+    query_max_length: int | None = bounded(None, ge=2)
+    passage_max_length: int | None = bounded(None, ge=2)
 
     def __post_init__(self) -> None:
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        for name in ("query_max_length", "passage_max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 2:
-                raise ValueError(f"{name} must be >= 2 (room for one token and EOS), got {value}")
+        check_ranges(self)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    lr: float = bounded(1e-4, gt=0.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
+    per_device_batch_size: int = bounded(8, ge=1)
+    gradient_accumulation_steps: int = bounded(1, ge=1)
+    max_steps: int | None = bounded(None, ge=1)
+    epochs: float = bounded(1.0, gt=0.0)
+    warmup_steps: int = bounded(0, ge=0)
+    warmup_ratio: float = bounded(0.0, ge=0.0, le=1.0)
     schedule: str = "linear"
-    max_grad_norm: float = 1.0
-    seed: int = 42
+    max_grad_norm: float = bounded(1.0, ge=0.0)  # 0: no clipping
+    seed: int = bounded(42, ge=0, lt=2**32)  # numpy's legacy seeding takes 32 bits
     gradient_checkpointing: bool = False
     deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_ranges(self)
 
 
 @dataclass
 class CheckpointConfig:
     output_dir: str = "runs/run"
-    save_every: int = 0  # optimizer steps; 0 saves only at the end
-    keep_last: int = 2
+    save_every: int = bounded(0, ge=0)  # optimizer steps; 0 saves only at the end
+    # Checkpoints kept (0 keeps all). With 2 or more, a damaged newest checkpoint still leaves
+    # an intact one for --resume auto to fall back to.
+    keep_last: int = bounded(2, ge=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
+    log_every: int = bounded(1, ge=1)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "llmembed"
@@ -109,6 +103,9 @@ class LoggingConfig:
     # JSON file {"queries": [...], "passages": [...]}: encoded by the in-memory model at the end
     # of training into probe_embeddings.json, a reference for checking saved/exported models.
     probe_file: str | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from llmembed.data.readers import ReadReport, read_jsonl
 from llmembed.data.sampling import HomogeneousBatchSampler
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel
+from llmembed import runlock
 from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
 from llmembed.train.deepspeed_config import (
@@ -223,26 +224,11 @@ def _everywhere(ok: bool) -> bool:
 
 
 def lock_output_dir(output_dir: Path):
-    """Hold an exclusive lock on ``output_dir`` for the life of this process (the OS drops it
-    when the process dies, however it dies), so a second trainer, or a worker that outlived its
-    launcher, is refused instead of interleaving checkpoints and metrics with this run."""
-    import fcntl
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(output_dir / ".llmembed-run.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise ValueError(f"{output_dir} is in use by another training run (PID {holder}); wait for it or stop it, "
-                         "or set checkpoint.output_dir to another folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    """Hold the run's lock on ``output_dir`` for the life of this process, so a second trainer,
+    or a worker that outlived its launcher, is refused instead of interleaving checkpoints and
+    metrics with this run."""
+    return runlock.hold(output_dir, ".llmembed-run.lock", "training run",
+                        "wait for it or stop it, or set checkpoint.output_dir to another folder")
 
 
 def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool = False) -> TrainSetup:
