@@ -181,3 +181,42 @@ def test_a_second_trainer_on_the_same_folder_is_refused(tiny_dir, tmp_path):
     assert "Traceback" not in result.stdout
     steps = logged_steps(run_dir)
     assert steps == list(range(1, len(steps) + 1))  # the refused run wrote nothing into the log
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_payload_in_a_deepspeed_checkpoint_never_runs(tiny_dir, tmp_path):
+    """DeepSpeed's own files are read with weights_only=True (ZeRO-3 here; ZeRO-2 resumes in the
+    tests above): a code-running pickle in the newest checkpoint is refused without running,
+    ``--resume auto`` falls back to the older one, and naming it is one line, exit 2."""
+    import torch
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 32)
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 5, "deepspeed": "zero3"},
+                          checkpoint={"output_dir": str(tmp_path / "run"), "save_every": 2, "keep_last": 3})
+    launch(config, launcher="python")
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.resume_candidates(root) == ["step-4", "step-2"]
+    marker = tmp_path / "payload-ran"
+    optim = sorted((root / "step-4").glob("*optim_states.pt"))
+    assert len(optim) == 1
+    torch.save({"optimizer_state_dict": _Payload(str(marker))}, optim[0])
+
+    named = launch(config, launcher="python", extra=["--resume", "step-4"], check=False)
+    assert named.returncode == 2, named.stdout[-3000:]
+    assert re.search(r"error: --resume step-4: checkpoint \S+step-4 could not be loaded \(UnsafeCheckpoint: \S+optim_states.pt holds (io|builtins).open besides tensors", named.stdout), named.stdout[-2000:]
+    assert "Traceback" not in named.stdout and not marker.exists()
+
+    out = launch(config, launcher="python", extra=["--resume", "auto"]).stdout
+    assert not marker.exists()
+    assert re.search(r"warning: checkpoint \S+step-4 could not be loaded", out), out[-3000:]
+    assert re.search(r"resumed from \S+step-2 at step 2", out), out[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]

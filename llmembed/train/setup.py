@@ -161,6 +161,8 @@ def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dic
     """``deepspeed.initialize`` on the pair encoder; returns (engine, LR scheduler)."""
     import deepspeed
 
+    from llmembed.train.safe_load import use_weights_only_loading
+
     opt = config.train
     wrapper = PairEncoder(model)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
@@ -179,6 +181,7 @@ def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dic
         lr_scheduler=_scheduler_factory(config, total_steps),
         config=ds_config,
     )
+    use_weights_only_loading(engine)
     return engine, scheduler
 
 
@@ -191,7 +194,11 @@ def resume_step(engine: Any, root: Path, resume: str | None, rank: int) -> int:
     if resume != "auto":
         if not (root / resume).is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint in {root}")
-        step = checkpoint.load(engine, root, resume, rank)
+        try:
+            step = checkpoint.load(engine, root, resume, rank)
+        except Exception as err:  # any damage: a torn file, a missing shard, a refused pickle
+            raise ValueError(f"--resume {resume}: checkpoint {root / resume} could not be loaded "
+                             f"({_first_line(err)}); --resume auto falls back to an older one") from None
         if rank == 0:
             print(f"resumed from {root / resume} at step {step}")
         return step
@@ -200,7 +207,7 @@ def resume_step(engine: Any, root: Path, resume: str | None, rank: int) -> int:
         try:
             step, problem = checkpoint.load(engine, root, tag, rank), ""
         except Exception as err:  # any damage: a torn file, a missing shard, a bad pickle
-            step, problem = -1, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            step, problem = -1, _first_line(err)
         if _everywhere(step >= 0):
             if rank == 0:
                 print(f"resumed from {root / tag} at step {step}")
@@ -211,6 +218,11 @@ def resume_step(engine: Any, root: Path, resume: str | None, rank: int) -> int:
     if candidates:
         raise ValueError(f"--resume auto: none of the checkpoints in {root} could be loaded ({', '.join(candidates)})")
     return 0
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
 
 def _everywhere(ok: bool) -> bool:
