@@ -220,3 +220,44 @@ def test_a_pickled_payload_in_a_deepspeed_checkpoint_never_runs(tiny_dir, tmp_pa
     assert re.search(r"warning: checkpoint \S+step-4 could not be loaded", out), out[-3000:]
     assert re.search(r"resumed from \S+step-2 at step 2", out), out[-3000:]
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_ranks_die_with_a_killed_launcher_and_the_rerun_continues(tiny_dir, tmp_path):
+    """SIGKILL only the torchrun launcher (as an OOM kill or a closed terminal would): its ranks
+    go too, instead of writing on; the rerun with --resume auto takes the folder and continues
+    without gaps or duplicates."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    import psutil
+
+    from .processes import kill_tree
+    from .train_utils import start
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    # Far more steps than run in the test's time: surviving ranks would still be training.
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 100_000},
+                          checkpoint={"output_dir": str(tmp_path / "run"), "save_every": 2, "keep_last": 2})
+    run_dir = tmp_path / "run"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = start(config, log, procs=2, launcher="torchrun")
+        try:
+            deadline = time.monotonic() + 300
+            while len(logged_steps(run_dir)) < 3:
+                assert proc.poll() is None and time.monotonic() < deadline, "training ended or timed out"
+                time.sleep(0.05)
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+            assert len(ranks) == 2
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            gone, alive = psutil.wait_procs(ranks, timeout=20)
+            assert not alive, f"ranks outlived their launcher: {[p.pid for p in alive]}"
+        finally:
+            kill_tree(proc)
+    steps_at_kill = logged_steps(run_dir)
+    time.sleep(1)
+    assert logged_steps(run_dir) == steps_at_kill  # nothing writes after the kill
+    launch(config, procs=2, launcher="torchrun", extra=["--resume", "auto", "--set", "train.max_steps=12"])
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 13))

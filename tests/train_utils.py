@@ -85,14 +85,21 @@ def launch(config: Path, procs: int = 1, launcher: str = "torchrun", extra: list
     return run_group(_command(config, procs, launcher, extra), _env(env), config.parent, timeout, "training", check)
 
 
+def start(config: Path, log, procs: int = 1, launcher: str = "torchrun",
+          extra: list[str] | None = None) -> subprocess.Popen:
+    """Start a training run in its own session, output to ``log``; the caller stops it
+    (:func:`kill_tree`)."""
+    return subprocess.Popen(_command(config, procs, launcher, extra), cwd=config.parent, env=_env(None),
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 def launch_and_kill(config: Path, until: Callable[[], bool], procs: int = 1, launcher: str = "torchrun",
                     extra: list[str] | None = None, timeout: float = 600, poll_s: float = 0.02) -> str:
     """Start a training run in its own session and SIGKILL all of it (launcher and every rank,
     as an OOM killer or a preempted node would) as soon as ``until()`` holds. Returns the
     run's output. Fails if the run ends, or times out, before it could be killed."""
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(_command(config, procs, launcher, extra), cwd=config.parent, env=_env(None),
-                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = start(config, log, procs, launcher, extra)
         deadline = time.monotonic() + timeout
         try:
             while not until():

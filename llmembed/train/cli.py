@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher passes --local_rank; the rank itself comes from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from llmembed.train.launcher import tie_to_launcher
+
+    tie_to_launcher()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from llmembed.config import ConfigError
