@@ -215,3 +215,23 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(json.loads((tmp_path / "n.json").read_text()), load_file(str(tmp_path / "t.safetensors")))
     assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == expected
+
+
+def test_resume_drops_a_torn_metrics_line_and_later_steps(tmp_path):
+    """A kill mid-write leaves a partial last line in metrics.jsonl: the resumed run keeps every
+    whole line up to its checkpoint and nothing else, and logs on from there."""
+    from llmembed.train.config import LoggingConfig
+    from llmembed.train.logging import RunLogger
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    run = RunLogger(tmp_path, LoggingConfig(tensorboard=False, progress_bar=False), rank=0, total_steps=10,
+                    start_step=4, run_config={})
+    run.log(5, {"loss": 0.5, "accuracy": 1.0, "lr": 1e-4})
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    # Torn in the middle of the number, or not a step at all: dropped the same way.
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"step": "x"}\n[1]\n{"step": 1')
+    RunLogger(tmp_path, LoggingConfig(tensorboard=False, progress_bar=False), 0, 10, 3, {})
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:3]) + "\n"
+    assert not list(tmp_path.glob("*.tmp"))

@@ -132,7 +132,8 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_dir, tmp_path):
-    """A torn file in the newest checkpoint and an empty `latest` marker: `--resume auto`
+    """A torn file in the newest checkpoint, an empty `latest` marker and a torn last metrics
+    line: `--resume auto`
     reports them and continues from the older intact checkpoint, with the losses and LRs of an
     uninterrupted run."""
     data = write_pairs(tmp_path / "pairs.jsonl", 64)
@@ -151,6 +152,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_dir, tmp_p
     assert states
     states[0].write_bytes(states[0].read_bytes()[: states[0].stat().st_size // 2])
     (root / "latest").write_text("")
+    with open(tmp_path / "damaged" / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a kill mid-write
 
     out = launch(runs["damaged"], launcher="python", extra=["--resume", "auto"]).stdout
     assert re.search(r"warning: checkpoint \S+step-4 could not be loaded", out), out[-3000:]

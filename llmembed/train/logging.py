@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger("llmembed.train")
@@ -14,9 +15,10 @@ logger = logging.getLogger("llmembed.train")
 def _step_of(line: str) -> float:
     """The step of a metrics line; a line torn by a kill mid-write counts as past any step."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+    return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")
 
 
 class RunLogger:
@@ -29,10 +31,13 @@ class RunLogger:
         if not self.enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        # On resume, drop lines past the checkpoint so no step is logged twice.
+        # On resume, drop lines past the checkpoint (and a line torn by the kill) so no step is
+        # logged twice; replaced atomically, so a kill here cannot lose the earlier lines.
         if self.metrics_path.exists():
-            kept = [l for l in self.metrics_path.read_text().splitlines() if _step_of(l) <= start_step]
-            self.metrics_path.write_text("".join(l + "\n" for l in kept))
+            kept = [l for l in self.metrics_path.read_text(errors="replace").splitlines() if _step_of(l) <= start_step]
+            partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            partial.write_text("".join(l + "\n" for l in kept))
+            os.replace(partial, self.metrics_path)
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
