@@ -68,6 +68,11 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     _check_destination(Path(model_dir), out, overwrite)
+    vllm_python = vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON")
+    if verify and vllm_python:
+        from llmembed.verify import vllm_interpreter
+
+        vllm_interpreter(vllm_python)
     # Merge in fp32 so the LoRA product is added at full precision, then cast.
     model = EmbeddingModel.load(model_dir, trust_remote_code=trust_remote_code, dtype="float32",
                                 attn_implementation="sdpa", quantization=None)
@@ -177,7 +182,7 @@ def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: 
         return None
     from llmembed.verify import verify as run_verify
 
-    report = run_verify(out, vllm_python=vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON"), reference=model)
+    report = run_verify(out, vllm_python=vllm_python, reference=model)
     report.export_dir = out.parent / name
     print(report.table())
     return report

@@ -21,6 +21,8 @@ def hold(folder: Path, name: str, what: str, hint: str) -> IO[str]:
     """Lock ``folder/name`` for this process and return the open handle (keep a reference:
     closing it, or the process ending, releases the lock). ``what`` names the other holder's
     kind of job and ``hint`` what the user can do, for the refusal message."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / name, "a+")
     try:

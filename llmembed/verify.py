@@ -245,16 +245,17 @@ def _transformers(export_dir: Path, contract: ServingContract, probes: list[Prob
     return np.concatenate(vectors), tokens, str(model.dtype)
 
 
-def _interpreter(python: str) -> str:
-    """An absolute path for ``python`` (the worker runs in a temporary folder), or an error."""
+def vllm_interpreter(python: str) -> str:
+    """An absolute path for ``python`` (the worker runs in a temporary folder), or an error;
+    checked before any work is done."""
     found = shutil.which(python) if os.sep not in python else (python if Path(python).is_file() else None)
     if found is None:
-        raise FileNotFoundError(f"vLLM interpreter {python!r} not found")
+        raise FileNotFoundError(f"--vllm-python {python}: no such interpreter")
     return str(Path(found).absolute())
 
 
 def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], python: str, timeout: float):
-    python = _interpreter(python)
+    python = vllm_interpreter(python)
     export_dir = export_dir.absolute()
     with tempfile.TemporaryDirectory(prefix="llmembed-verify-") as tmp:
         tmp_path = Path(tmp)
@@ -295,6 +296,8 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
     from llmembed.model import EmbeddingModel
 
     export_dir = Path(export_dir)
+    if vllm_python:
+        vllm_interpreter(vllm_python)
     contract = ServingContract.load(export_dir)
     if reference is None:
         reference = EmbeddingModel.load(export_dir, dtype="float32", attn_implementation="sdpa")

@@ -15,6 +15,7 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,7 @@ class Pipeline:
                                                                   settings.languages or None)
         self.out = Path(settings.out)
         self.part = f"part{settings.shard_index:03d}of{settings.num_shards:03d}"
+        check_destination(self.out)
         if settings.decontaminate and not Path(settings.decontaminate).is_file():
             raise FileNotFoundError(f"--decontaminate {settings.decontaminate}: no such file")
         self.user_tasks = read_tasks_file(settings.tasks_file) if settings.tasks_file else {}
@@ -313,6 +315,23 @@ class Pipeline:
         }
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
         return manifest
+
+
+# What a synth run writes into --out (temporary files of atomic writes start with a dot).
+OUTPUT_ENTRIES = ("shards", "raw", "stats", "brainstorm.json", "manifest.json", "manifest.part*.json",
+                  ".synth-part*.lock", ".manifest*.json.*", ".brainstorm.json.*")
+
+
+def check_destination(out: Path) -> None:
+    """--out is a new folder, an empty one, or a synth output (to continue): never a folder of
+    other files, which a run would fill with its own."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not any(fnmatch(p.name, e) for e in OUTPUT_ENTRIES))
+        if foreign:
+            raise ValueError(f"--out {out}: holds files that are not synth output ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}); use a new or empty folder")
 
 
 def read_tasks_file(path: str) -> dict[str, list[str]]:

@@ -133,9 +133,8 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
 
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_dir, tmp_path):
     """A torn file in the newest checkpoint, an empty `latest` marker and a torn last metrics
-    line: `--resume auto`
-    reports them and continues from the older intact checkpoint, with the losses and LRs of an
-    uninterrupted run."""
+    line: `--resume auto` reports them and continues from the older intact checkpoint, with the
+    losses and LRs of an uninterrupted run."""
     data = write_pairs(tmp_path / "pairs.jsonl", 64)
     runs = {}
     for name in ("straight", "damaged"):

@@ -10,7 +10,9 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
+from llmembed.data import DataError, read_jsonl
 from llmembed.evaluate.retrieval import evaluate_retrieval
 from llmembed.model import EmbeddingModel
 
@@ -25,14 +27,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow a model whose backbone or tokenizer runs code from its own files")
     args = parser.parse_args(argv)
     try:
+        # Inputs first (seconds), the model after (longer): a wrong path never waits on a load.
+        records = read_jsonl(args.data)
+        if not records:
+            raise DataError(f"{args.data}: no records to evaluate")
+        if args.json and not Path(args.json).absolute().parent.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: no such folder {Path(args.json).parent}")
         model = EmbeddingModel.load(args.model, trust_remote_code=args.trust_remote_code)
-    except (FileNotFoundError, ValueError) as err:
+        results = {"trained": evaluate_retrieval(model, records)}
+        if args.baseline:
+            base = EmbeddingModel.build(replace(model.config, lora=None))
+            results = {"untrained": evaluate_retrieval(base, records), **results}
+    except (DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = {"trained": evaluate_retrieval(model, args.data)}
-    if args.baseline:
-        base = EmbeddingModel.build(replace(model.config, lora=None))
-        results = {"untrained": evaluate_retrieval(base, args.data), **results}
     width = max(len(k) for k in results)
     for name, scores in results.items():
         print(f"{name:<{width}}  {scores.row()}")

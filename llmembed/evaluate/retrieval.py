@@ -6,11 +6,14 @@ records' positives are the corpus, as in MS MARCO-style dev sets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from llmembed.data.readers import read_jsonl
+from llmembed.data.schema import Record
 
 
 @dataclass
@@ -32,8 +35,11 @@ def rank_of_positive(query_vectors: np.ndarray, corpus_vectors: np.ndarray, posi
     return (scores > own[:, None]).sum(axis=1) + 1  # 1-based; ties favour the positive
 
 
-def evaluate_retrieval(model, path: str, batch_size: int = 32) -> RetrievalScores:
-    records = read_jsonl(path)
+def evaluate_retrieval(model, data: str | Path | Sequence[Record], batch_size: int = 32) -> RetrievalScores:
+    """Retrieval scores of ``model`` on held-out pairs: ``data`` is a JSONL path or its records."""
+    records = read_jsonl(data) if isinstance(data, (str, Path)) else list(data)
+    if not records:
+        raise ValueError(f"{data if isinstance(data, (str, Path)) else 'evaluation data'}: no records to evaluate")
     corpus: list[str] = []
     index: dict[str, int] = {}
     positive_ids = []

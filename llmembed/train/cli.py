@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(config, resume=args.resume, skip_invalid=args.skip_invalid)
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, OSError) as err:  # OSError: a path that cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
