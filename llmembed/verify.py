@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     export_dir = Path(args.export)
     try:
+        if args.json and not Path(args.json).absolute().parent.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: no such folder {Path(args.json).parent}")
         report = verify(export_dir, args.vllm_python)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

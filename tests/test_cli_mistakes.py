@@ -118,6 +118,7 @@ CASES = [
     ("verify-missing", VERIFY, ["{ws}/noexport"], r"noexport"),
     ("verify-not-an-export", VERIFY, ["{ws}/model"], r"model"),
     ("verify-missing-vllm-python", VERIFY, ["{ws}/export", "--vllm-python", "{ws}/no/python"], r"no/python"),
+    ("verify-json-unwritable", VERIFY, ["{ws}/export", "--json", "{ws}/no/such/dir/v.json"], r"no/such/dir"),
     # ---- synth
     ("synth-zero-tasks", SYNTH, ["--out", "{ws}/s1", "--num-tasks", "0"], r"--num-tasks: must be >= 1"),
     ("synth-top-p", SYNTH, ["--out", "{ws}/s2", "--top-p", "2"], r"--top-p: must be in"),
