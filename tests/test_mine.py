@@ -1,0 +1,141 @@
+"""Positive-aware hard-negative mining with the real packaged all-MiniLM-L6-v2 and faiss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmembed.data import Record
+from llmembed.encoders import load_encoder, reference_model_dir
+from llmembed.mine import MineSettings, mine
+
+QUERY = "How do I reset my router password?"
+POSITIVE = "To reset the router password, hold the reset button for ten seconds and sign in with the default password."
+DUPLICATE = "To reset your router's password, hold its reset button for 10 seconds, then sign in with the default password."
+DISTRACTORS = [
+    "Routers forward packets between networks using routing tables.",
+    "A strong password mixes letters, digits and symbols.",
+    "Wi-Fi signals weaken through concrete walls.",
+    "The modem connects your home to the internet provider.",
+    "Change the default admin password after installing a router.",
+    "Bananas are rich in potassium.",
+    "The Eiffel Tower is in Paris.",
+    "Photosynthesis turns light into chemical energy.",
+    "A good night's sleep improves memory.",
+    "Python lists keep items in insertion order.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Firmware updates fix security holes in network devices.",
+    "Coffee beans are roasted seeds.",
+    "Reset your email password from the account settings page.",
+    "Ethernet cables come in categories such as Cat5e and Cat6.",
+    "The violin has four strings.",
+]
+RECORDS = [
+    Record(QUERY, [POSITIVE]),
+    Record("What is the capital of France?", ["Paris is the capital and largest city of France."]),
+    Record("Which fruit is high in potassium?", ["Bananas are a well-known source of potassium."]),
+    Record("How many strings does a violin have?", ["A violin is strung with four strings tuned in fifths."]),
+]
+CORPUS = [r.positives[0] for r in RECORDS] + [DUPLICATE] + DISTRACTORS
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(reference_model_dir())
+
+
+def _ranking(encoder, record: Record) -> list[tuple[str, float]]:
+    """Brute force: every corpus passage but the record's own, by cosine, best first."""
+    q = encoder.encode_queries([record.query])[0]
+    passages = [t for t in CORPUS if t not in record.positives and t != record.query]
+    scores = encoder.encode_passages(passages) @ q
+    return [(passages[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
+
+
+def test_positive_aware_filter_drops_the_duplicate_that_plain_top_k_keeps(encoder, tmp_path):
+    q = encoder.encode_queries([QUERY])[0]
+    pos, dup = encoder.encode_passages([POSITIVE, DUPLICATE]) @ q
+    assert dup > 0.95 * pos  # the fixture: a paraphrase of the positive, unlabelled in the corpus
+    plain, plain_report = mine(RECORDS, CORPUS, encoder, MineSettings(0, 10, 3, positive_ratio=None))
+    aware, aware_report = mine(RECORDS, CORPUS, encoder, MineSettings(0, 10, 3, positive_ratio=0.95))
+    assert plain[0].negatives[0] == DUPLICATE
+    assert DUPLICATE not in aware[0].negatives and len(aware[0].negatives) == 3
+    ranking = _ranking(encoder, RECORDS[0])
+    # Everything the rule set aside scored above 95% of the positive, and nothing else was.
+    above = [t for t, s in ranking if s > 0.95 * pos]
+    assert DUPLICATE in above
+    assert aware[0].negatives == [t for t, _ in ranking if t not in above][:3]
+    assert aware_report.dropped_candidates["above_positive_ratio"] >= len(above)
+    assert "above_positive_ratio" not in plain_report.dropped_candidates
+    scores = aware[0].meta["mining"]["negative_scores"]
+    assert scores == sorted(scores, reverse=True) and max(scores) <= 0.95 * aware[0].meta["mining"]["positive_score"]
+    assert abs(aware[0].meta["mining"]["positive_score"] - pos) < 1e-5
+
+
+def test_rank_window_takes_exactly_those_ranks(encoder):
+    mined, report = mine(RECORDS, CORPUS, encoder, MineSettings(2, 6, 10, positive_ratio=None))
+    for record, out in zip(RECORDS, mined):
+        assert out.negatives == [t for t, _ in _ranking(encoder, record)[2:6]]
+        assert out.positives == record.positives and out.query == record.query
+    # Each record set its own positive aside once, and none got the 10 it asked for.
+    assert report.dropped_candidates["is_positive_or_query"] == len(RECORDS)
+    assert report.records_short_of_negatives == len(RECORDS) and report.negatives_written == 4 * len(RECORDS)
+
+
+def test_min_positive_score_drops_weak_pairs_and_counts_them(encoder):
+    weak = Record("What is the capital of France?", ["The violin has four strings."])
+    records = RECORDS + [weak]
+    mined, report = mine(records, CORPUS, encoder, MineSettings(0, 10, 2, min_positive_score=0.4))
+    assert [r.query for r in mined] == [r.query for r in RECORDS]
+    assert report.dropped_records == {"positive_below_min_score": 1}
+    assert report.records_in == 5 and report.records_out == 4
+
+
+def test_cache_reencodes_nothing_and_repairs_a_damaged_chunk(encoder, tmp_path):
+    settings = MineSettings(0, 10, 3, chunk_size=8)
+    first, report = mine(RECORDS, CORPUS, encoder, settings, cache_dir=tmp_path)
+    assert report.encoded == len(CORPUS) + len(RECORDS) and report.from_cache == 0
+    again, report = mine(RECORDS, CORPUS, encoder, settings, cache_dir=tmp_path)
+    assert report.encoded == 0 and report.from_cache == len(CORPUS) + len(RECORDS)
+    assert [r.negatives for r in again] == [r.negatives for r in first]
+    chunk = sorted(tmp_path.glob("corpus-*/chunk-00001.npy"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    repaired, report = mine(RECORDS, CORPUS, encoder, settings, cache_dir=tmp_path)
+    assert report.encoded == 8 and [r.negatives for r in repaired] == [r.negatives for r in first]
+    # Another model or other texts never read these chunks.
+    other, report = mine(RECORDS[:3], CORPUS, encoder, settings, cache_dir=tmp_path)
+    assert report.encoded == 3  # the corpus is shared, the query list is new
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_approximate_indexes_agree_with_exact_search_on_a_small_corpus(encoder, index):
+    exact, _ = mine(RECORDS, CORPUS, encoder, MineSettings(0, 10, 4))
+    approx, _ = mine(RECORDS, CORPUS, encoder, MineSettings(0, 10, 4, index=index))
+    assert [r.negatives for r in approx] == [r.negatives for r in exact]
+
+
+def test_the_command_writes_records_the_trainer_reads_and_counts(tmp_path):
+    import subprocess
+    import sys
+
+    from llmembed.data import read_jsonl
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in RECORDS))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    out = tmp_path / "mined.jsonl"
+    command = [sys.executable, "-m", "llmembed.mine", "--model", str(reference_model_dir()), "--input", str(data),
+               "--corpus", str(corpus), "--out", str(out), "--ranks", "0:10", "--num-negatives", "3", "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    mined = read_jsonl(out)
+    assert len(mined) == len(RECORDS) and all(len(r.negatives) == 3 for r in mined)
+    assert DUPLICATE not in mined[0].negatives
+    stats = json.loads((tmp_path / "mined.jsonl.stats.json").read_text())
+    assert stats["records_out"] == 4 and stats["texts_encoded"] == len(CORPUS) + len(RECORDS)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "texts encoded 0" in rerun.stdout
+    assert read_jsonl(out) == mined
