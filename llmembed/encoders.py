@@ -106,7 +106,7 @@ class TextEncoder:
     def dim(self) -> int:
         if self.kind == "llmembed":
             return int(self.model.contract.output_dim or self.model.embedding_dim)
-        return int(self.model.get_sentence_embedding_dimension())
+        return int(self.model.get_embedding_dimension())
 
 
 def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: bool = False,

@@ -118,6 +118,9 @@ CASES = [
     ("evaluate-data-missing", EVALUATE, ["--model", "{ws}/model", "--data", "{ws}/gone.jsonl"], r"gone\.jsonl"),
     ("evaluate-data-empty", EVALUATE, ["--model", "{ws}/model", "--data", "{ws}/empty.jsonl"], r"empty\.jsonl"),
     ("evaluate-data-bad-line", EVALUATE, ["--model", "{ws}/model", "--data", "{ws}/bad.jsonl"], r"bad\.jsonl:2"),
+    ("evaluate-unknown-task", EVALUATE, ["--model", "{ws}/model", "--tasks", "MSMARCO"], r"--tasks: unknown task\(s\) MSMARCO"),
+    ("evaluate-model-without-weights", EVALUATE, ["--model", "{ws}/no-weights", "--data", "{ws}/pairs.jsonl"],
+     r"no-weights: has no weights"),
     ("evaluate-json-unwritable", EVALUATE,
      ["--model", "{ws}/model", "--data", "{ws}/pairs.jsonl", "--json", "{ws}/no/such/dir/s.json"], r"no/such/dir"),
     # ---- verify

@@ -263,3 +263,37 @@ def test_ranks_die_with_a_killed_launcher_and_the_rerun_continues(tiny_dir, tmp_
     assert logged_steps(run_dir) == steps_at_kill  # nothing writes after the kill
     launch(config, procs=2, launcher="torchrun", extra=["--resume", "auto", "--set", "train.max_steps=12"])
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 13))
+
+
+def test_evaluation_during_zero3_training_logs_keeps_the_best_and_changes_nothing(tiny_dir, tmp_path):
+    """Two ZeRO-3 processes evaluate the suite's English retrieval every 2 steps: the scores go
+    to eval.jsonl and TensorBoard, the best model is kept and scores the same when reloaded,
+    and the losses equal those of the same run without evaluation (the RNG is restored)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llmembed.encoders import load_encoder
+    from llmembed.evaluate import runner
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    runs = {}
+    for name, evaluation in (("plain", {}), ("evaluated", {"every": 2, "tasks": ["ChatterbotRetrieval.en"],
+                                                           "keep_best": True})):
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_dir, [data], model={"lora": {"r": 4, "dropout": 0.1}},
+                              train={"max_steps": 6, "deepspeed": "zero3"}, evaluation=evaluation,
+                              logging={"progress_bar": False, "tensorboard": True})
+        launch(config, procs=2, launcher="torchrun")
+        runs[name] = tmp_path / name / "run"
+    plain, evaluated = metrics(runs["plain"]), metrics(runs["evaluated"])
+    assert [m["loss"] for m in evaluated] == [m["loss"] for m in plain]
+    lines = [json.loads(l) for l in (runs["evaluated"] / "eval.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [2, 4, 6]
+    assert all(0.0 < l["scores"]["ChatterbotRetrieval.en"]["ndcg_at_10"] <= 1.0 for l in lines)
+    best = json.loads((runs["evaluated"] / "best.json").read_text())
+    assert best["average"] == max(l["average"] for l in lines)
+    reloaded = runner.run(load_encoder(runs["evaluated"] / "best"), ["ChatterbotRetrieval.en"])
+    assert abs(runner.average(reloaded) - best["average"]) < 1e-4
+    events = EventAccumulator(str(runs["evaluated"] / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/ChatterbotRetrieval.en/ndcg_at_10")] == [2, 4, 6]
+    assert not (runs["plain"] / "eval.jsonl").exists()

@@ -47,10 +47,11 @@ def write_config(tmp: Path, model_dir: Path, data: list[Path], **sections) -> Pa
     }
     for section, values in sections.items():
         for key, value in values.items():
-            if isinstance(value, dict) and isinstance(config[section].get(key), dict):
-                config[section][key].update(value)
+            target = config.setdefault(section, {})
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key].update(value)
             else:
-                config.setdefault(section, {})[key] = value
+                target[key] = value
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

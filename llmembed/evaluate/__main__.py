@@ -1,7 +1,10 @@
-"""``python -m llmembed.evaluate --model DIR --data heldout.jsonl [--baseline]``
+"""``python -m llmembed.evaluate --model DIR [--model DIR ...] [--suite offline] [--data heldout.jsonl]``
 
-Prints retrieval scores of a trained model folder; ``--baseline`` also scores the same
-configuration before training (fresh pooling head, no adapter) for comparison.
+Scores models on the offline suite (real labelled data shipped in packages, run through mteb's
+own metric code; see ``llmembed/evaluate/suite.py``) and on held-out record files. ``--model``
+takes our trained folders, our exports and any sentence-transformers folder; ``--reference``
+adds the packaged all-MiniLM-L6-v2 as a yardstick row and ``--baseline`` the untrained
+configuration of each trained folder. Prints one table; ``--json`` writes every score.
 """
 
 from __future__ import annotations
@@ -13,40 +16,74 @@ from dataclasses import replace
 from pathlib import Path
 
 from llmembed.data import DataError, read_jsonl
-from llmembed.evaluate.retrieval import evaluate_retrieval
-from llmembed.model import EmbeddingModel
+from llmembed.encoders import BACKENDS, EncoderError, TextEncoder, describe, load_encoder, reference_model_dir
+from llmembed.evaluate import runner
+from llmembed.evaluate.suite import SUITE, SuiteError
+
+
+def _baseline(encoder: TextEncoder) -> TextEncoder | None:
+    """The same configuration before training: a fresh pooling head and no adapter."""
+    if encoder.kind != "llmembed" or encoder.model.config.lora is None:
+        return None
+    from llmembed.model import EmbeddingModel
+
+    model = EmbeddingModel.build(replace(encoder.model.config, lora=None))
+    return TextEncoder(f"{encoder.name} (untrained)", f"untrained:{encoder.fingerprint}", model, "llmembed")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmembed.evaluate")
-    parser.add_argument("--model", required=True, help="trained model folder")
-    parser.add_argument("--data", required=True, help="held-out JSONL (records schema)")
-    parser.add_argument("--baseline", action="store_true", help="also score the untrained configuration")
-    parser.add_argument("--json", help="write the scores here")
+    parser = argparse.ArgumentParser(prog="python -m llmembed.evaluate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--model", action="append", required=True,
+                        help="our trained folder or export, or a sentence-transformers folder (repeatable)")
+    parser.add_argument("--suite", choices=("offline", "none"), default=None,
+                        help="the offline suite (default: on unless only --data is given)")
+    parser.add_argument("--tasks", default=",".join(SUITE), help=f"suite tasks, comma-separated ({', '.join(SUITE)})")
+    parser.add_argument("--data", action="append", default=[], help="held-out records JSONL to score retrieval on")
+    parser.add_argument("--reference", action="store_true", help="add the packaged all-MiniLM-L6-v2 as a row")
+    parser.add_argument("--baseline", action="store_true", help="add the untrained configuration of trained folders")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="how to load our exports: llmembed (default) or sentence-transformers")
+    parser.add_argument("--json", help="write every score here")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose backbone or tokenizer runs code from its own files")
     args = parser.parse_args(argv)
+    suite = args.suite or ("none" if args.data else "offline")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()] if suite == "offline" else []
     try:
-        # Inputs first (seconds), the model after (longer): a wrong path never waits on a load.
-        records = read_jsonl(args.data)
-        if not records:
-            raise DataError(f"{args.data}: no records to evaluate")
+        # Inputs first (seconds), models after (longer): a wrong path never waits on a load.
+        unknown = [t for t in names if t not in SUITE]
+        if unknown:
+            raise SuiteError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(SUITE)}")
+        for path in args.data:
+            if not read_jsonl(path):
+                raise DataError(f"{path}: no records to evaluate")
+        if not names and not args.data:
+            raise SuiteError("nothing to evaluate: --suite none and no --data")
         if args.json and not Path(args.json).absolute().parent.is_dir():
             raise FileNotFoundError(f"--json {args.json}: no such folder {Path(args.json).parent}")
-        model = EmbeddingModel.load(args.model, trust_remote_code=args.trust_remote_code)
-        results = {"trained": evaluate_retrieval(model, records)}
-        if args.baseline:
-            base = EmbeddingModel.build(replace(model.config, lora=None))
-            results = {"untrained": evaluate_retrieval(base, records), **results}
-    except (DataError, ValueError, OSError) as err:
+        for folder in args.model:
+            if not Path(folder).is_dir():
+                raise EncoderError(f"{folder}: no such model folder")
+        encoders: list[TextEncoder] = []
+        for folder in args.model:
+            encoder = load_encoder(folder, args.backend, args.trust_remote_code)
+            baseline = _baseline(encoder) if args.baseline else None
+            encoders += [e for e in (baseline, encoder) if e is not None]
+        if args.reference:
+            encoders.insert(0, load_encoder(reference_model_dir()))
+        rows, models = {}, {}
+        for encoder in encoders:
+            name = encoder.name if encoder.name not in rows else f"{encoder.name} ({len(rows)})"
+            rows[name] = runner.run(encoder, names, args.data)
+            models[name] = describe(encoder)
+    except (DataError, EncoderError, SuiteError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    width = max(len(k) for k in results)
-    for name, scores in results.items():
-        print(f"{name:<{width}}  {scores.row()}")
+    reference = next((n for n, m in models.items() if args.reference and m["fingerprint"] ==
+                      encoders[0].fingerprint), None)
+    print(runner.table(rows, reference))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: vars(v) for k, v in results.items()}, f, indent=2)
+        Path(args.json).write_text(json.dumps(runner.as_json(rows, models), indent=2) + "\n")
     return 0
 
 

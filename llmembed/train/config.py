@@ -16,6 +16,7 @@ import yaml
 from llmembed.config import ConfigError, bounded, check_ranges, from_dict
 from llmembed.losses.router import LOSS_NAMES, LossConfig
 from llmembed.model import EmbeddingModelConfig
+from llmembed.train.evaluation import EvalConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -116,6 +117,7 @@ class TrainConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

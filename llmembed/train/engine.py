@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
+from llmembed.train.evaluation import TrainingEvaluator
 from llmembed.train.logging import RunLogger
 from llmembed.train.save import save_model, write_probe, write_summary
 from llmembed.train.setup import TrainSetup, prepare
@@ -80,6 +81,7 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
     batches = run.sampler.batches(run.start_step * accum)
     losses: list[float] = []
     meter = _Throughput(run.world_size)
+    evaluator = TrainingEvaluator(config.evaluation, run.output_dir, rank)
     engine.train()
     for step in range(run.start_step + 1, run.total_steps + 1):
         lr = run.scheduler.get_last_lr()[0]  # the rate this step applies
@@ -89,6 +91,10 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
         if step % config.logging.log_every == 0 or step == run.total_steps:
             run_log.log(step, {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
                                "grad_norm": stats.grad_norm, **meter.metrics()})
+        if evaluator.due(step, run.total_steps):
+            paused = time.perf_counter()
+            evaluator.run(step, engine, run.model, run_log)
+            meter.started += time.perf_counter() - paused  # rates count training time only
         if config.checkpoint.save_every and step % config.checkpoint.save_every == 0 and step < run.total_steps:
             checkpoint.save(engine, run.checkpoint_root, step, rank, config.checkpoint.keep_last)
     run_log.close()

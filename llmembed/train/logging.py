@@ -21,23 +21,30 @@ def _step_of(line: str) -> float:
     return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")
 
 
+def _keep_until(path: Path, step: int) -> None:
+    """On resume, drop lines past the checkpoint (and a line torn by the kill) so no step is
+    logged twice; replaced atomically, so a kill here cannot lose the earlier lines."""
+    if not path.exists():
+        return
+    kept = [l for l in path.read_text(errors="replace").splitlines() if _step_of(l) <= step]
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(l + "\n" for l in kept))
+    os.replace(partial, path)
+
+
 class RunLogger:
     def __init__(self, output_dir: Path, config, rank: int, total_steps: int, start_step: int,
                  run_config: dict) -> None:
         self.rank = rank
         self.enabled = rank == 0
         self.metrics_path = output_dir / "metrics.jsonl"
+        self.eval_path = output_dir / "eval.jsonl"
         self.writer = self.bar = self.wandb = None
         if not self.enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        # On resume, drop lines past the checkpoint (and a line torn by the kill) so no step is
-        # logged twice; replaced atomically, so a kill here cannot lose the earlier lines.
-        if self.metrics_path.exists():
-            kept = [l for l in self.metrics_path.read_text(errors="replace").splitlines() if _step_of(l) <= start_step]
-            partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            partial.write_text("".join(l + "\n" for l in kept))
-            os.replace(partial, self.metrics_path)
+        for path in (self.metrics_path, self.eval_path):
+            _keep_until(path, start_step)
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -67,6 +74,26 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}", lr=f"{metrics['lr']:.2e}")
+
+    def log_eval(self, step: int, scores: dict[str, dict[str, float]], average: float) -> None:
+        """Suite scores during training: ``eval.jsonl`` and TensorBoard ``eval/<task>/<metric>``."""
+        if not self.enabled:
+            return
+        with open(self.eval_path, "a") as handle:
+            handle.write(json.dumps({"step": step, "average": average, "scores": scores}) + "\n")
+        flat = {f"eval/{task}/{key}": value for task, values in scores.items() for key, value in values.items()}
+        flat["eval/average"] = average
+        if self.writer is not None:
+            for key, value in flat.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
+        line = (f"step {step}: eval average {average:.4f} "
+                + " ".join(f"{t}={next(iter(v.values())):.4f}" for t, v in scores.items()))
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

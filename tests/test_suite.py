@@ -1,0 +1,103 @@
+"""The offline suite: its numbers are mteb's own and agree with sentence-transformers'
+evaluators; the mteb adapter gives queries their task's instruction and documents none; an
+export scored through sentence-transformers matches the same model scored through llmembed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmembed.encoders import load_encoder, reference_model_dir
+from llmembed.evaluate import runner
+from llmembed.evaluate.suite import SUITE, build_tasks, chatterbot_heldout, lee_pairs, pang_lee_sentences
+
+
+def test_the_packaged_data_is_what_the_suite_says():
+    first, second, scores = lee_pairs()
+    assert len(first) == len(second) == len(scores) == 1225
+    assert 0.0 <= min(scores) and max(scores) <= 1.0
+    texts, labels = pang_lee_sentences()
+    assert len(texts) == 200 and sorted(set(labels)) == [0, 1] and sum(labels) == 100
+    english, chinese = chatterbot_heldout("english"), chatterbot_heldout("chinese")
+    assert len(english.queries) == 154 and len(chinese.queries) > 50
+    tasks, instructions = build_tasks()
+    assert [t.metadata.name for t in tasks] == list(SUITE) and all(instructions[n] for n in SUITE)
+
+
+@pytest.mark.integration
+def test_suite_scores_equal_mteb_with_its_own_wrapper_and_st_evaluators():
+    """all-MiniLM-L6-v2 through our adapter, through mteb's own SentenceTransformer wrapper and
+    through sentence-transformers' evaluators: the same numbers to 1e-4."""
+    import mteb
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator, InformationRetrievalEvaluator
+
+    ours = runner.run(load_encoder(reference_model_dir()))
+    model = SentenceTransformer(str(reference_model_dir()), device="cpu")
+    tasks, _ = build_tasks()
+    theirs = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False, overwrite_strategy="always")
+    for task, result in zip(tasks, theirs.task_results, strict=True):
+        values = result.scores[task.metadata.eval_splits[0]][0]
+        for key, value in ours[task.metadata.name].items():
+            assert abs(value - values[key]) < 1e-4, (task.metadata.name, key, value, values[key])
+
+    first, second, scores = lee_pairs()
+    sts = EmbeddingSimilarityEvaluator(first, second, scores, name="lee")(model)
+    assert abs(ours["LeeDocSim"]["cosine_spearman"] - sts["lee_spearman_cosine"]) < 1e-4
+    assert abs(ours["LeeDocSim"]["cosine_pearson"] - sts["lee_pearson_cosine"]) < 1e-4
+    for name, language in (("ChatterbotRetrieval.en", "english"), ("ChatterbotRetrieval.zh", "chinese")):
+        split = chatterbot_heldout(language).as_mteb()
+        evaluator = InformationRetrievalEvaluator(
+            {r["id"]: r["text"] for r in split["queries"]}, {r["id"]: r["text"] for r in split["corpus"]},
+            {q: set(d) for q, d in split["relevant_docs"].items()}, name="ir", show_progress_bar=False)
+        st = evaluator(model)
+        for ours_key, st_key in (("ndcg_at_10", "ir_cosine_ndcg@10"), ("mrr_at_10", "ir_cosine_mrr@10"),
+                                 ("recall_at_10", "ir_cosine_recall@10")):
+            assert abs(ours[name][ours_key] - st[st_key]) < 1e-4, (name, ours_key)
+    # The yardstick itself, as measured before: a real retrieval model, far from chance.
+    assert ours["ChatterbotRetrieval.en"]["ndcg_at_10"] > 0.7
+
+
+def test_adapter_gives_queries_the_task_instruction_and_documents_none(tiny_llama_dir, tmp_path):
+    from mteb.types import PromptType
+
+    from llmembed.evaluate.mteb_adapter import MTEBEncoder
+
+    from .test_export import trained_model
+
+    trained_model(tiny_llama_dir, "mean", False).save(tmp_path / "m")
+    encoder = load_encoder(tmp_path / "m")
+    tasks, instructions = build_tasks(["ChatterbotRetrieval.en"])
+    adapter = MTEBEncoder(encoder, instructions)
+    texts = ["how are you", "what is a computer"]
+    loader = [{"text": texts}]
+    meta = tasks[0].metadata
+    queries = adapter.encode(loader, task_metadata=meta, hf_split="test", hf_subset="default",
+                             prompt_type=PromptType.query)
+    documents = adapter.encode(loader, task_metadata=meta, hf_split="test", hf_subset="default",
+                               prompt_type=PromptType.document)
+    model = encoder.model
+    expected_q = model.encode(texts, instructions["ChatterbotRetrieval.en"])
+    expected_d = model.encode(texts, is_query=False)
+    np.testing.assert_allclose(queries, expected_q / np.linalg.norm(expected_q, axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(documents, expected_d / np.linalg.norm(expected_d, axis=1, keepdims=True), atol=1e-6)
+    assert np.abs(queries - documents).max() > 1e-3  # the instruction changed the query vectors
+
+
+def test_an_export_scores_the_same_through_sentence_transformers(tiny_llama_dir, tmp_path):
+    from llmembed.export import export
+
+    from .test_export import trained_model
+
+    trained_model(tiny_llama_dir, "last_token", False).save(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "e", verify=False)
+    ours = load_encoder(tmp_path / "e")
+    served = load_encoder(tmp_path / "e", backend="sentence-transformers")
+    assert (ours.kind, served.kind) == ("llmembed", "sentence-transformers")
+    texts = ["how are you", "what is a computer", "tell me a joke about cats"]
+    instruction = "Given a question, retrieve the answer to it"
+    for a, b in ((ours.encode_queries(texts, instruction), served.encode_queries(texts, instruction)),
+                 (ours.encode_queries(texts, [instruction, None, instruction]),
+                  served.encode_queries(texts, [instruction, None, instruction])),
+                 (ours.encode_passages(texts), served.encode_passages(texts))):
+        assert (a * b).sum(axis=1).min() > 0.9999
