@@ -318,7 +318,7 @@ class Pipeline:
 
 
 # What a synth run writes into --out (temporary files of atomic writes start with a dot).
-OUTPUT_ENTRIES = ("shards", "raw", "stats", "brainstorm.json", "manifest.json", "manifest.part*.json",
+OUTPUT_ENTRIES = ("shards", "raw", "stats", "merged", "brainstorm.json", "manifest.json", "manifest.part*.json",
                   ".synth-part*.lock", ".manifest*.json.*", ".brainstorm.json.*")
 
 

@@ -236,3 +236,45 @@ def test_a_second_synth_on_the_same_output_is_refused(tmp_path):
     from llmembed import runlock
 
     runlock.hold(tmp_path, ".synth-part000of001.lock", "synth run", "").close()
+
+
+def _part(out, index: int, records: list[dict], complete: bool = True) -> None:
+    pipeline = Pipeline(Settings(out=str(out), categories=["sts"], num_shards=2, shard_index=index), lambda: None)
+    pipeline.store.write(0, records, [], {"generated": len(records)})
+    pipeline.write_manifest(complete=complete, num_shards=1)
+
+
+def _record(query: str, positive: str) -> dict:
+    return {"query": query, "positive": positive, "negatives": [], "instruction": "Retrieve", "task": "short_long",
+            "score": None, "meta": {}}
+
+
+LONG = ("the committee approved the new budget for the city library after a long debate about opening hours "
+        "staff numbers and the renovation of the reading rooms on the second floor")
+
+
+def test_merge_removes_duplicates_across_parts_and_refuses_unfinished_parts(tmp_path):
+    """Each data-parallel part filtered only its own records; the merge sees them all."""
+    from synth.merge import main as merge_main
+    from synth.merge import merge
+
+    first = _record("library budget news", LONG)
+    _part(tmp_path, 0, [first, _record("how tall is everest", "Mount Everest is 8,849 metres high.")])
+    near = _record("library budget news", LONG + " today")
+    _part(tmp_path, 1, [dict(first), _record("what do cats eat", "Cats eat meat."), near], complete=False)
+
+    assert merge_main(["--out", str(tmp_path)]) == 2  # part 1 unfinished: refused, nothing written
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(ValueError, match=r"unfinished part\(s\) manifest.part001of002.json"):
+        merge(tmp_path, tmp_path / "merged")
+    stats = merge(tmp_path, tmp_path / "merged", heldout_share=0.5, allow_partial=True)
+    assert stats["records_in"] == 5 and stats["removed"] == {"duplicate": 1, "near_duplicate": 1}
+    kept = [json.loads(l) for name in ("train", "heldout")
+            for l in (tmp_path / "merged" / f"{name}.jsonl").read_text().splitlines()]
+    assert sorted(r["query"] for r in kept) == ["how tall is everest", "library budget news", "what do cats eat"]
+    assert stats["train"] + stats["heldout"] == 3
+    before = (tmp_path / "merged" / "train.jsonl").read_text()
+    assert merge(tmp_path, tmp_path / "merged", heldout_share=0.5, allow_partial=True) == stats
+    assert (tmp_path / "merged" / "train.jsonl").read_text() == before  # deterministic
+    # The merged folder is part of the output: synth still continues in this --out.
+    Pipeline(Settings(out=str(tmp_path), categories=["sts"], num_shards=2, shard_index=0), lambda: None)
