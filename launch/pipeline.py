@@ -96,10 +96,14 @@ class Pipeline:
         ])
         config = REPO / "launch" / "configs" / "pipeline.yaml"
         run_dir = self.out / "run"
-        datasets = [f"{{path: {self.data / 'chatterbot_mined.jsonl'}, name: chatterbot, group_size: 2}}"]
-        if filtered.read_text().strip():  # the synthetic pairs that survived both filters, if any
-            datasets.append(f"{{path: {filtered}, name: synth, group_size: 1, weight: 0.3}}")
-        overrides = ["--set", f"checkpoint.output_dir={run_dir}", "--set", f"data.datasets=[{', '.join(datasets)}]"]
+        # One training file: the few synthetic pairs that pass both filters on CPU would be a
+        # dataset smaller than one batch; with the real pairs they share batches (a record
+        # without hard negatives borrows other records' positives).
+        mixed = self.data / "train_mixed.jsonl"
+        self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed),
+                                str(self.data / "chatterbot_mined.jsonl"), str(filtered)]])
+        overrides = ["--set", f"checkpoint.output_dir={run_dir}",
+                     "--set", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
         self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",
                               *overrides]])
@@ -188,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="training processes (CPU cores or GPUs)")
     parser.add_argument("--sanity-filter", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--answer", nargs=2, metavar=("EXPORT", "HELDOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--concat", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.concat:
+        target, *sources = (Path(p) for p in args.concat)
+        text = "".join(p.read_text(encoding="utf-8") for p in sources)
+        target.write_text(text, encoding="utf-8")
+        print(f"{target}: {sum(1 for l in text.splitlines() if l.strip())} records from {len(sources)} files")
+        return 0
     if args.sanity_filter:
         sanity_filter(Path(args.sanity_filter[0]), Path(args.sanity_filter[1]))
         return 0
