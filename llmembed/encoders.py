@@ -73,6 +73,11 @@ class TextEncoder:
     passage_prefix: str | None = None
     batch_size: int = 32
 
+    @classmethod
+    def of(cls, model: Any, name: str) -> "TextEncoder":
+        """An in-memory :class:`EmbeddingModel` (training, an untrained baseline) as an encoder."""
+        return cls(name, f"in-memory:{name}", model, "llmembed")
+
     @property
     def takes_instructions(self) -> bool:
         return self.kind == "llmembed" or self.query_prefix_of is not None

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from llmembed.data.packaged import main as make_data
-from llmembed.evaluate import evaluate_retrieval
+from llmembed.encoders import TextEncoder
+from llmembed.evaluate import runner
 from llmembed.model import EmbeddingModel
 
 from .train_utils import REPO, launch, metrics
@@ -33,11 +34,12 @@ def test_lora_training_raises_heldout_retrieval(tmp_path):
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     trained = EmbeddingModel.load(tmp_path / "run" / "final")
     untrained = EmbeddingModel.build(replace(trained.config, lora=None))
-    before = evaluate_retrieval(untrained, str(data / "heldout.jsonl"))
-    after = evaluate_retrieval(trained, str(data / "heldout.jsonl"))
-    print(f"\nheld-out untrained: {before.row()}\nheld-out trained:   {after.row()}\n"
+    heldout = [str(data / "heldout.jsonl")]
+    (before,) = runner.run(TextEncoder.of(untrained, "untrained"), [], heldout).values()
+    (after,) = runner.run(TextEncoder.of(trained, "trained"), [], heldout).values()
+    print(f"\nheld-out untrained: {before}\nheld-out trained:   {after}\n"
           f"loss first 4 {losses[:4]} last 4 {losses[-4:]}")
-    (tmp_path / "scores.json").write_text(json.dumps({"before": vars(before), "after": vars(after)}))
+    (tmp_path / "scores.json").write_text(json.dumps({"before": before, "after": after}))
     assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6
-    assert after.mrr_at_10 > before.mrr_at_10 + 0.03
-    assert after.recall_at_1 > before.recall_at_1
+    assert after["mrr_at_10"] > before["mrr_at_10"] + 0.03
+    assert after["recall_at_1"] > before["recall_at_1"]

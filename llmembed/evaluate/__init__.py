@@ -1,5 +1,2 @@
-"""Offline evaluation."""
-
-from llmembed.evaluate.retrieval import RetrievalScores, evaluate_retrieval
-
-__all__ = ["RetrievalScores", "evaluate_retrieval"]
+"""Offline evaluation: the suite as local mteb tasks (``suite``), our encoders as an mteb model
+(``mteb_adapter``), and running them (``runner``, ``python -m llmembed.evaluate``)."""

@@ -28,7 +28,7 @@ def _baseline(encoder: TextEncoder) -> TextEncoder | None:
     from llmembed.model import EmbeddingModel
 
     model = EmbeddingModel.build(replace(encoder.model.config, lora=None))
-    return TextEncoder(f"{encoder.name} (untrained)", f"untrained:{encoder.fingerprint}", model, "llmembed")
+    return TextEncoder.of(model, f"{encoder.name} (untrained)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             encoder = load_encoder(folder, args.backend, args.trust_remote_code)
             baseline = _baseline(encoder) if args.baseline else None
             encoders += [e for e in (baseline, encoder) if e is not None]
-        if args.reference:
-            encoders.insert(0, load_encoder(reference_model_dir()))
+        reference = load_encoder(reference_model_dir()) if args.reference else None
+        if reference is not None:
+            encoders.insert(0, reference)
         rows, models = {}, {}
         for encoder in encoders:
             name = encoder.name if encoder.name not in rows else f"{encoder.name} ({len(rows)})"
@@ -79,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EncoderError, SuiteError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    reference = next((n for n, m in models.items() if args.reference and m["fingerprint"] ==
-                      encoders[0].fingerprint), None)
-    print(runner.table(rows, reference))
+    print(runner.table(rows, reference.name if reference is not None else None))
     if args.json:
         Path(args.json).write_text(json.dumps(runner.as_json(rows, models), indent=2) + "\n")
     return 0

@@ -32,12 +32,13 @@ def run(encoder: TextEncoder, names: Sequence[str] = SUITE, records: Sequence[st
     return scores
 
 
-def main_score(task: str, scores: dict[str, float]) -> float:
+def main_score(scores: dict[str, float]) -> float:
+    """A task's ranking score: :func:`run` puts it first."""
     return next(iter(scores.values()))
 
 
 def average(scores: Scores) -> float:
-    values = [main_score(t, s) for t, s in scores.items()]
+    values = [main_score(s) for s in scores.values()]
     return sum(values) / len(values) if values else math.nan
 
 
@@ -49,7 +50,7 @@ def table(rows: dict[str, Scores], reference: str | None = None) -> str:
     width = max([len(name) for name in rows] + [5])
     lines = ["  ".join([f"{'model':<{width}}", *[f"{h:>12}" for h in headers]])]
     for name, scores in rows.items():
-        cells = [f"{main_score(t, scores[t]):>12.4f}" if t in scores else f"{'-':>12}" for t in tasks]
+        cells = [f"{main_score(scores[t]):>12.4f}" if t in scores else f"{'-':>12}" for t in tasks]
         lines.append("  ".join([f"{name:<{width}}", *cells, f"{average(scores):>12.4f}"]))
     if reference is not None and reference in rows:
         ref = rows[reference]
@@ -58,8 +59,8 @@ def table(rows: dict[str, Scores], reference: str | None = None) -> str:
         for name, scores in rows.items():
             if name == reference:
                 continue
-            cells = [f"{main_score(t, scores[t]) / main_score(t, ref[t]):>12.3f}"
-                     if t in scores and t in ref and main_score(t, ref[t]) else f"{'-':>12}" for t in tasks]
+            cells = [f"{main_score(scores[t]) / main_score(ref[t]):>12.3f}"
+                     if t in scores and t in ref and main_score(ref[t]) else f"{'-':>12}" for t in tasks]
             lines.append("  ".join([f"{name:<{width}}", *cells, f"{average(scores) / average(ref):>12.3f}"]))
     legend = ", ".join(f"{_short(t)}={REPORTED_NAME.get(t, 'main score')}" for t in tasks)
     return "\n".join(lines + ["", f"scores: {legend}"])

@@ -39,7 +39,7 @@ SUITE = ("LeeDocSim", "PangLeePolarity", "ChatterbotRetrieval.en", "ChatterbotRe
 REPORTED = {
     "STS": ("cosine_spearman", ("cosine_pearson",)),
     "Classification": ("accuracy", ()),
-    "Retrieval": ("ndcg_at_10", ("mrr_at_10", "recall_at_10")),
+    "Retrieval": ("ndcg_at_10", ("mrr_at_10", "recall_at_10", "recall_at_1")),
 }
 
 

@@ -65,8 +65,7 @@ class TrainingEvaluator:
         numbers, tensors = checkpoint.rng_state()
         try:
             with torch.no_grad():
-                scores = runner.run(TextEncoder(f"step-{step}", f"step-{step}", model, "llmembed"),
-                                    self.config.tasks, self.config.data)
+                scores = runner.run(TextEncoder.of(model, f"step-{step}"), self.config.tasks, self.config.data)
         finally:
             checkpoint.set_rng_state(numbers, tensors)
             engine.train()
