@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,10 +38,34 @@ PY = sys.executable
 MIN_TEACHER_SCORE = 0.4
 
 
+@dataclass
+class PipelineSettings:
+    """What changes between the CPU main job (the defaults) and the GPU recipe (see the README):
+    generator and its backend, how much to generate, the teacher that filters and mines, an
+    optional reranker, the training config and how many processes train."""
+
+    train_config: Path = REPO / "launch" / "configs" / "pipeline.yaml"
+    procs: int = 2
+    synth_backend: str = "transformers"
+    generator: str = "default"
+    synth_tasks: int = 6
+    synth_examples: int = 2
+    synth_temperature: float = 0.7
+    # A 135M generator writes gibberish in most languages it is asked for (seen: Russian and
+    # Portuguese word salad); English only on CPU. Empty: the taxonomy's weighted languages.
+    synth_languages: list[str] = field(default_factory=lambda: ["English"])
+    synth_args: list[str] = field(default_factory=list)
+    teacher: str | None = None  # None: the packaged all-MiniLM-L6-v2
+    cross_encoder: str | None = None
+    ranks: str = "3:30"
+    num_negatives: int = 3
+
+
 class Pipeline:
-    def __init__(self, out: Path, procs: int) -> None:
+    def __init__(self, out: Path, settings: PipelineSettings) -> None:
         self.out = out
-        self.procs = procs
+        self.settings = settings
+        self.procs = settings.procs
         self.stages = out / "stages"
         self.stages.mkdir(parents=True, exist_ok=True)
         self.data = out / "data"
@@ -70,31 +95,28 @@ class Pipeline:
     def run(self) -> None:
         from llmembed.encoders import reference_model_dir
 
-        teacher = str(reference_model_dir())
+        opts = self.settings
+        teacher = opts.teacher or str(reference_model_dir())
+        reranker = ["--cross-encoder", opts.cross_encoder] if opts.cross_encoder else []
         synth = self.out / "synth"
         self.stage("synth", [
-            [PY, "-m", "synth.generate", "--out", str(synth), "--categories", "short_long", "short_short",
-             "--num-tasks", "6", "--examples-per-task", "2", "--temperature", "0.7", "--max-tokens", "256",
-             "--max-field-chars", "400", "--no-progress"],
+            [PY, "-m", "synth.generate", "--out", str(synth), "--backend", opts.synth_backend, "--model", opts.generator,
+             "--categories", "short_long", "short_short", "--num-tasks", str(opts.synth_tasks),
+             "--examples-per-task", str(opts.synth_examples), "--temperature", str(opts.synth_temperature),
+             "--max-tokens", "256", "--max-field-chars", "400", "--no-progress",
+             *(["--languages", *opts.synth_languages] if opts.synth_languages else []), *opts.synth_args],
             [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.25"],
         ])
-        sane, filtered = self.data / "synth_sane.jsonl", self.data / "synth_filtered.jsonl"
-        self.stage("sanity", [[PY, str(REPO / "launch" / "pipeline.py"), "--sanity-filter",
-                               str(synth / "merged" / "train.jsonl"), str(sane)]])
-        if sane.read_text().strip():
-            self.stage("filter", [
-                [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(sane), "--out", str(filtered),
-                 "--min-positive-score", str(MIN_TEACHER_SCORE), "--ranks", "0:1", "--num-negatives", "1",
-                 "--keep-existing-negatives", "--no-progress"]])
-        else:
-            filtered.write_text("")
+        # Both splits pass the same checks: a held-out pair the teacher calls unrelated measures noise.
+        filtered = self.filter_synthetic(synth / "merged" / "train.jsonl", "synth_train", teacher)
+        synth_heldout = self.filter_synthetic(synth / "merged" / "heldout.jsonl", "synth_heldout", teacher)
         self.stage("data", [[PY, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(self.data / "chatterbot")]])
         self.stage("mine", [
             [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(self.data / "chatterbot" / "train.jsonl"),
-             "--out", str(self.data / "chatterbot_mined.jsonl"), "--ranks", "3:30", "--num-negatives", "3",
-             "--no-progress"],
+             "--out", str(self.data / "chatterbot_mined.jsonl"), "--ranks", opts.ranks,
+             "--num-negatives", str(opts.num_negatives), "--no-progress", *reranker],
         ])
-        config = REPO / "launch" / "configs" / "pipeline.yaml"
+        config = opts.train_config
         run_dir = self.out / "run"
         # One training file: the few synthetic pairs that pass both filters on CPU would be a
         # dataset smaller than one batch; with the real pairs they share batches (a record
@@ -107,8 +129,7 @@ class Pipeline:
         self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",
                               *overrides]])
-        synth_heldout = synth / "merged" / "heldout.jsonl"
-        records = ["--data", str(synth_heldout)] if synth_heldout.is_file() and synth_heldout.stat().st_size else []
+        records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
         self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(run_dir / "final"), "--suite", "offline",
                                  *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]])
         export = self.out / "export"
@@ -123,6 +144,21 @@ class Pipeline:
              str(self.data / "chatterbot" / "heldout.jsonl")],
         ])
         self.report()
+
+    def filter_synthetic(self, source: Path, name: str, teacher: str) -> Path:
+        """Cheap text checks, then the teacher's score filter (Conan's: positive under 0.4 dropped)."""
+        sane, filtered = self.data / f"{name}_sane.jsonl", self.data / f"{name}.jsonl"
+        self.stage(f"{name}_sanity", [[PY, str(REPO / "launch" / "pipeline.py"), "--sanity-filter", str(source),
+                                       str(sane)]])
+        if sum(1 for line in sane.read_text(encoding="utf-8").splitlines() if line.strip()) < 2:
+            print(f"[pipeline] {name}: fewer than 2 pairs passed the text checks; none kept", flush=True)
+            filtered.write_text("")
+            return filtered
+        self.stage(f"{name}_filter", [
+            [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(sane), "--out", str(filtered),
+             "--min-positive-score", str(MIN_TEACHER_SCORE), "--ranks", "0:1", "--num-negatives", "1",
+             "--keep-existing-negatives", "--no-progress"]])
+        return filtered
 
     def report(self) -> None:
         from llmembed.evaluate import runner
@@ -189,7 +225,23 @@ def answer(export: Path, heldout: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/pipeline")
-    parser.add_argument("--procs", type=int, default=2, help="training processes (CPU cores or GPUs)")
+    defaults = PipelineSettings()
+    parser.add_argument("--procs", type=int, default=defaults.procs, help="training processes (CPU cores or GPUs)")
+    parser.add_argument("--train-config", type=Path, default=defaults.train_config,
+                        help="training YAML (default: launch/configs/pipeline.yaml; GPU: pipeline_gpu.yaml)")
+    parser.add_argument("--synth-backend", choices=("transformers", "vllm", "openai"), default=defaults.synth_backend)
+    parser.add_argument("--generator", default=defaults.generator, help="synth's --model (default: built-in SmolLM2)")
+    parser.add_argument("--synth-tasks", type=int, default=defaults.synth_tasks, help="task definitions per category")
+    parser.add_argument("--synth-examples", type=int, default=defaults.synth_examples, help="examples per task")
+    parser.add_argument("--synth-temperature", type=float, default=defaults.synth_temperature)
+    parser.add_argument("--synth-languages", nargs="*", default=defaults.synth_languages,
+                        help="languages to generate (default English; give none for the taxonomy's weighted list)")
+    parser.add_argument("--synth-arg", action="append", default=[], metavar="ARG",
+                        help="passed on to synth.generate (repeat; e.g. --synth-arg=--tensor-parallel-size=2)")
+    parser.add_argument("--teacher", help="embedding model that filters and mines (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--cross-encoder", help="reranker that re-scores mined candidates (llmembed.mine --cross-encoder)")
+    parser.add_argument("--ranks", default=defaults.ranks, help="mining rank window START:END")
+    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives)
     parser.add_argument("--sanity-filter", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--answer", nargs=2, metavar=("EXPORT", "HELDOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--concat", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
@@ -206,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.answer:
         answer(Path(args.answer[0]), Path(args.answer[1]))
         return 0
-    Pipeline(Path(args.out).absolute(), args.procs).run()
+    settings = PipelineSettings(
+        train_config=args.train_config.absolute(), procs=args.procs, synth_backend=args.synth_backend,
+        generator=args.generator, synth_tasks=args.synth_tasks, synth_examples=args.synth_examples,
+        synth_temperature=args.synth_temperature, synth_languages=args.synth_languages, synth_args=args.synth_arg,
+        teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives)
+    Pipeline(Path(args.out).absolute(), settings).run()
     return 0
 
 

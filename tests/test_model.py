@@ -125,3 +125,36 @@ def test_four_bit_backbone_loads_and_encodes(tmp_path):
     a, b = full.encode(PASSAGES), quant.encode(PASSAGES)
     cos = (a * b).sum(1)
     assert np.all(cos > 0.9), cos  # 4-bit NF4 stays close to the fp32 weights
+
+
+@pytest.mark.parametrize("kind,padding_side", [("mean", "right"), ("last_token", "left"), ("latent_attention", "right")])
+def test_length_buckets_give_the_one_pass_embeddings_and_gradients(tiny_llama_dir, kind, padding_side):
+    """PairEncoder's length buckets are a speed-up only: embeddings and LoRA gradients equal
+    the single padded pass, for either padding side, with instruction prompts."""
+    import torch
+
+    from llmembed.train.step import PairEncoder, length_buckets
+
+    model = _build(tiny_llama_dir, kind, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model.text_tokenizer.padding_side = padding_side
+    long = "a long passage " * 20
+    texts = ["ok", long, "Paris is the capital.", "x y", long + "and more", "Photosynthesis makes sugar."]
+    query = model.tokenize(QUERIES[:3] * 2, instruction="Given a question, retrieve the answer")
+    passage = model.tokenize(texts)
+    results = []
+    for buckets in (1, 3):
+        encoder = PairEncoder(model, buckets)
+        model.zero_grad()
+        q, p = encoder(query, passage)
+        (q @ p.T).logsumexp(dim=1).sum().backward()
+        grads = [t.grad.clone() for t in model.parameters() if t.requires_grad]
+        results.append((q.detach(), p.detach(), grads, encoder.processed_tokens))
+    (q1, p1, g1, n1), (q3, p3, g3, n3) = results
+    torch.testing.assert_close(q3, q1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p3, p1, atol=1e-5, rtol=1e-4)
+    assert len(g1) == len(g3) > 0
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-3)
+    assert n1 == query["attention_mask"].numel() + passage["attention_mask"].numel()
+    lengths = passage["attention_mask"].sum(1)
+    assert n3 < n1 and [set(g.tolist()) for g in length_buckets(lengths, 2)] == [{1, 4}, {0, 2, 3, 5}]

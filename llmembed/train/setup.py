@@ -164,7 +164,7 @@ def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dic
     from llmembed.train.safe_load import use_weights_only_loading
 
     opt = config.train
-    wrapper = PairEncoder(model)
+    wrapper = PairEncoder(model, config.train.length_buckets)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters")

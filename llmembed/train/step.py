@@ -23,16 +23,70 @@ from llmembed.losses.router import LossRouter
 from llmembed.model import EmbeddingModel
 
 
+def length_buckets(lengths: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
+    """Row indices of a padded batch split into at most ``max_buckets`` groups of similar
+    length, so that the padded tokens (each group padded to its own longest row) are fewest.
+
+    Rows are sorted by length and cut at the points an exact dynamic programme picks; the
+    groups' forwards then compute what the one padded forward would (padding is masked and
+    RoPE sees only relative positions), on a fraction of the tokens when a few long texts
+    sit among short ones.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    n, k = len(sorted_lengths), max(1, min(max_buckets, len(sorted_lengths)))
+    # cost[j][i]: fewest padded tokens for the first i rows in j groups; a group starting at
+    # row s (sorted, longest first) costs (its size) * sorted_lengths[s].
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for j in range(1, k + 1):
+        for i in range(1, n + 1):
+            for s in range(j - 1, i):
+                c = cost[j - 1][s] + (i - s) * sorted_lengths[s]
+                if c < cost[j][i]:
+                    cost[j][i], cut[j][i] = c, s
+    best = min(range(1, k + 1), key=lambda j: (cost[j][n], j))
+    groups, i = [], n
+    for j in range(best, 0, -1):
+        s = cut[j][i]
+        groups.append(order[s:i])
+        i = s
+    return groups[::-1]
+
+
 class PairEncoder(nn.Module):
     """What DeepSpeed wraps: one forward encodes a query batch and a passage batch, so ZeRO-3
-    gathers each layer's weights once per micro-batch for both."""
+    gathers each layer's weights once per micro-batch for both.
 
-    def __init__(self, model: EmbeddingModel) -> None:
+    With ``length_buckets > 1`` each side is encoded in up to that many passes over rows of
+    similar length (see :func:`length_buckets`); the embeddings come back in batch order.
+    ``processed_tokens`` counts the padded tokens the passes really ran."""
+
+    def __init__(self, model: EmbeddingModel, length_buckets: int = 1) -> None:
         super().__init__()
         self.model = model
+        self.length_buckets = length_buckets
+        self.processed_tokens = 0
 
     def forward(self, query: dict, passage: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(**query), self.model(**passage)
+        self.processed_tokens = 0
+        return self._encode(query), self._encode(passage)
+
+    def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        if self.length_buckets <= 1:
+            self.processed_tokens += mask.numel()
+            return self.model(**batch)
+        parts, rows = [], []
+        for group in length_buckets(mask.sum(dim=1), self.length_buckets):
+            columns = mask[group].any(dim=0)  # padding is contiguous: drop the all-pad columns
+            sub = {k: (v[group][:, columns] if v.dim() == 2 else v[group]) for k, v in batch.items()}
+            self.processed_tokens += sub["attention_mask"].numel()
+            parts.append(self.model(**sub))
+            rows.append(group)
+        return torch.cat(parts)[torch.argsort(torch.cat(rows))]
 
 
 @dataclass
@@ -71,7 +125,7 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         loss_sum += out.loss.detach() / accumulation
         accuracy_sum += out.accuracy / accumulation
         samples += query["input_ids"].shape[0]
-        padded += int(query["attention_mask"].numel() + passage["attention_mask"].numel())
+        padded += engine.module.processed_tokens
         real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
     # One all-reduce for both means (a collective every rank reaches at the same step).
     loss, accuracy = all_reduce_mean(torch.stack([loss_sum, accuracy_sum])).tolist()
