@@ -74,20 +74,23 @@ def test_two_process_lora_training_saves_and_exports_what_it_trained(tiny_dir, t
 
 
 def test_cross_device_negatives_equal_one_big_batch(tiny_dir, tmp_path):
-    """2 processes x batch 4 with gathered negatives == 1 process x batch 8, step by step."""
+    """2 processes x batch 4 with gathered negatives == 1 process x batch 8, step by step; and
+    the same again with length buckets, which only cut padding."""
     data = write_pairs(tmp_path / "pairs.jsonl", 64)
     runs = {}
-    for name, procs, batch in (("two", 2, 4), ("one", 1, 8)):
+    for name, procs, batch, buckets in (("two", 2, 4, 1), ("one", 1, 8, 1), ("two_bucketed", 2, 4, 3)):
         folder = tmp_path / name
         folder.mkdir()
-        config = write_config(folder, tiny_dir, [data], train={"per_device_batch_size": batch, "max_steps": 4},
-                              loss={"symmetric": True})
+        train = {"per_device_batch_size": batch, "max_steps": 4, "length_buckets": buckets}
+        config = write_config(folder, tiny_dir, [data], train=train, loss={"symmetric": True})
         launch(config, procs=procs)
         runs[name] = metrics(folder / "run")
     assert [m["step"] for m in runs["two"]] == [m["step"] for m in runs["one"]] == [1, 2, 3, 4]
-    for a, b in zip(runs["two"], runs["one"], strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (runs["two"], runs["one"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
+    for name in ("two", "two_bucketed"):
+        for a, b in zip(runs[name], runs["one"], strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (runs[name], runs["one"])
+            assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
+    assert runs["two_bucketed"][-1]["padding_share"] < runs["two"][-1]["padding_share"]
 
 
 def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
