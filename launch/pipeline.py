@@ -49,7 +49,7 @@ class PipelineSettings:
     synth_backend: str = "transformers"
     generator: str = "default"
     synth_tasks: int = 6
-    synth_examples: int = 2
+    synth_examples: int = 3
     synth_temperature: float = 0.7
     # A 135M generator writes gibberish in most languages it is asked for (seen: Russian and
     # Portuguese word salad); English only on CPU. Empty: the taxonomy's weighted languages.
@@ -105,7 +105,7 @@ class Pipeline:
              "--examples-per-task", str(opts.synth_examples), "--temperature", str(opts.synth_temperature),
              "--max-tokens", "256", "--max-field-chars", "400", "--no-progress",
              *(["--languages", *opts.synth_languages] if opts.synth_languages else []), *opts.synth_args],
-            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.25"],
+            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.5"],
         ])
         # Both splits pass the same checks: a held-out pair the teacher calls unrelated measures noise.
         filtered = self.filter_synthetic(synth / "merged" / "train.jsonl", "synth_train", teacher)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 from .train_utils import REPO
 
@@ -12,6 +13,7 @@ from .train_utils import REPO
 def _pipeline():
     spec = importlib.util.spec_from_file_location("pipeline", REPO / "launch" / "pipeline.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pipeline", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
