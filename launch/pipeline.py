@@ -8,17 +8,22 @@ Each stage runs the project's own command line and records what it did in
 training stage resumes from its last checkpoint, so a killed pipeline, rerun with the same
 command, continues. Stages:
 
-1. ``synth``: a small synthetic set from the default generator (transformers backend), merged
-   across parts with duplicate removal (``synth.merge``).
-2. ``filter``: synthetic pairs the packaged all-MiniLM-L6-v2 teacher scores under 0.4 are dropped
-   (Conan's filter, via ``llmembed.mine --min-positive-score``), after cheap text checks.
+1. ``synth``: a small synthetic set from the default generator (transformers backend, English:
+   a 135M model writes word salad in other languages), merged across parts with duplicate
+   removal and a held-out half (``synth.merge``).
+2. ``synth_train_*`` / ``synth_heldout_*``: both splits pass cheap text checks, then the packaged
+   all-MiniLM-L6-v2 teacher's score filter (pairs under 0.4 dropped, Conan's rule, via
+   ``llmembed.mine --min-positive-score``).
 3. ``data`` + ``mine``: chatterbot-corpus pairs (packaged), hard negatives mined by the teacher
-   with the positive-aware rule.
+   with the positive-aware rule (optionally re-scored by ``--cross-encoder``).
 4. ``train``: LoRA on the default backbone under DeepSpeed ZeRO-2 on ``--procs`` CPU processes.
 5. ``evaluate``: the offline suite plus the synthetic held-out split, for the reference
    (all-MiniLM-L6-v2), the untrained configuration and the trained model.
 6. ``export`` (checked by ``llmembed.verify``), then the export scored again through
    sentence-transformers, and one query answered by the reloaded export.
+
+``--train-config launch/configs/pipeline_gpu.yaml`` with ``--synth-backend vllm`` and a 7B
+generator runs the same stages as the GPU recipe (README, "The main job on GPUs").
 """
 
 from __future__ import annotations
@@ -222,17 +227,19 @@ def answer(export: Path, heldout: Path) -> None:
           f"{'the labelled answer' if best == 0 else 'labelled: ' + answers[0]})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from llmembed.argtypes import int_at_least
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/pipeline")
     defaults = PipelineSettings()
-    parser.add_argument("--procs", type=int, default=defaults.procs, help="training processes (CPU cores or GPUs)")
+    parser.add_argument("--procs", type=int_at_least(1), default=defaults.procs, help="training processes (CPU cores or GPUs)")
     parser.add_argument("--train-config", type=Path, default=defaults.train_config,
                         help="training YAML (default: launch/configs/pipeline.yaml; GPU: pipeline_gpu.yaml)")
     parser.add_argument("--synth-backend", choices=("transformers", "vllm", "openai"), default=defaults.synth_backend)
     parser.add_argument("--generator", default=defaults.generator, help="synth's --model (default: built-in SmolLM2)")
-    parser.add_argument("--synth-tasks", type=int, default=defaults.synth_tasks, help="task definitions per category")
-    parser.add_argument("--synth-examples", type=int, default=defaults.synth_examples, help="examples per task")
+    parser.add_argument("--synth-tasks", type=int_at_least(1), default=defaults.synth_tasks, help="task definitions per category")
+    parser.add_argument("--synth-examples", type=int_at_least(1), default=defaults.synth_examples, help="examples per task")
     parser.add_argument("--synth-temperature", type=float, default=defaults.synth_temperature)
     parser.add_argument("--synth-languages", nargs="*", default=defaults.synth_languages,
                         help="languages to generate (default English; give none for the taxonomy's weighted list)")
@@ -241,11 +248,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="embedding model that filters and mines (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--cross-encoder", help="reranker that re-scores mined candidates (llmembed.mine --cross-encoder)")
     parser.add_argument("--ranks", default=defaults.ranks, help="mining rank window START:END")
-    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives)
+    parser.add_argument("--num-negatives", type=int_at_least(1), default=defaults.num_negatives)
     parser.add_argument("--sanity-filter", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--answer", nargs=2, metavar=("EXPORT", "HELDOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--concat", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.train_config.is_file():
+        parser.error(f"--train-config {args.train_config}: no such file")
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> PipelineSettings:
+    return PipelineSettings(
+        train_config=args.train_config.absolute(), procs=args.procs, synth_backend=args.synth_backend,
+        generator=args.generator, synth_tasks=args.synth_tasks, synth_examples=args.synth_examples,
+        synth_temperature=args.synth_temperature, synth_languages=args.synth_languages, synth_args=args.synth_arg,
+        teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     if args.concat:
         target, *sources = (Path(p) for p in args.concat)
         text = "".join(p.read_text(encoding="utf-8") for p in sources)
@@ -258,12 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.answer:
         answer(Path(args.answer[0]), Path(args.answer[1]))
         return 0
-    settings = PipelineSettings(
-        train_config=args.train_config.absolute(), procs=args.procs, synth_backend=args.synth_backend,
-        generator=args.generator, synth_tasks=args.synth_tasks, synth_examples=args.synth_examples,
-        synth_temperature=args.synth_temperature, synth_languages=args.synth_languages, synth_args=args.synth_arg,
-        teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives)
-    Pipeline(Path(args.out).absolute(), settings).run()
+    Pipeline(Path(args.out).absolute(), settings_of(args)).run()
     return 0
 
 

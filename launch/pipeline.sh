@@ -3,8 +3,16 @@
 # launch/pipeline.py): synthetic data -> filters -> mined negatives -> DeepSpeed LoRA training on
 # 2 processes -> offline suite before/after with a reference row -> export -> verify -> serve.
 # Rerun the same command after an interruption: finished stages are skipped, training resumes.
+#   bash launch/pipeline.sh               # verify compares our encode, sentence-transformers, transformers
+#   bash launch/pipeline.sh --with-vllm   # also builds .venv-vllm (~3.4 GB) and checks real vLLM
+# Other options go to launch/pipeline.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_env.sh
+setup=()
+if [ "${1:-}" = "--with-vllm" ]; then
+  setup=(--with-vllm)
+  shift
+fi
+bash launch/setup_env.sh "${setup[@]}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python launch/pipeline.py "$@"

@@ -34,3 +34,40 @@ def test_sanity_filter_drops_what_a_small_generator_writes_and_counts_it(tmp_pat
     assert kept == [good]
     out = capsys.readouterr().out
     assert "kept 1" in out and "'too_short': 1" in out and "'few_letters': 1" in out and "'repetitive': 1" in out
+
+
+def test_every_shipped_training_config_loads_with_the_pipelines_overrides(tmp_path):
+    """The CPU and GPU pipeline configs (and the other shipped recipes) hold only known keys
+    and legal values, with the data and output overrides the pipeline adds."""
+    from llmembed.train.config import load_config
+
+    overrides = [f"checkpoint.output_dir={tmp_path / 'run'}",
+                 f"data.datasets=[{{path: {tmp_path / 'mixed.jsonl'}, name: mixed, group_size: 2}}]"]
+    configs = sorted((REPO / "launch" / "configs").glob("*.yaml"))
+    assert {"pipeline.yaml", "pipeline_gpu.yaml"} <= {c.name for c in configs}
+    for path in configs:
+        config = load_config(path, overrides)
+        assert config.data.datasets[0].path == str(tmp_path / "mixed.jsonl")
+    gpu = load_config(REPO / "launch" / "configs" / "pipeline_gpu.yaml", overrides)
+    assert gpu.train.deepspeed == "zero3" and gpu.model.backbone.dtype == "bfloat16"
+    cpu = load_config(REPO / "launch" / "configs" / "pipeline.yaml", overrides)
+    assert cpu.train.length_buckets == 3 and cpu.model.backbone.name_or_path == "default"
+
+
+def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):
+    import pytest
+
+    pipeline = _pipeline()
+    cpu = pipeline.settings_of(pipeline.parse([]))
+    assert cpu == pipeline.PipelineSettings() and cpu.synth_languages == ["English"] and cpu.cross_encoder is None
+    gpu = pipeline.settings_of(pipeline.parse([
+        "--procs", "8", "--train-config", str(REPO / "launch" / "configs" / "pipeline_gpu.yaml"),
+        "--synth-backend", "vllm", "--generator", "Qwen/Qwen2.5-7B-Instruct", "--synth-arg=--tensor-parallel-size=8",
+        "--synth-languages", "--teacher", "/m/bge", "--cross-encoder", "/m/reranker", "--ranks", "10:100"]))
+    assert gpu.procs == 8 and gpu.synth_backend == "vllm" and gpu.synth_languages == []
+    assert gpu.synth_args == ["--tensor-parallel-size=8"] and gpu.cross_encoder == "/m/reranker"
+    assert gpu.train_config.name == "pipeline_gpu.yaml" and gpu.ranks == "10:100"
+    for bad, named in ((["--train-config", str(tmp_path / "nope.yaml")], "nope.yaml"), (["--procs", "0"], "--procs")):
+        with pytest.raises(SystemExit):
+            pipeline.parse(bad)
+        assert named in capsys.readouterr().err
