@@ -93,3 +93,53 @@ def test_router_binds_each_datasets_loss_and_settings():
     assert torch.equal(router(2)(q, p1, scores).loss, CoSENTLoss(scale=10.0)(q, p1, scores).loss)
     with pytest.raises(ValueError, match="dataset sts: a CoSENT batch came without scores"):
         router(2)(q, p1)
+
+
+def _planted():
+    """Three queries, group size 2. Query 0's positive scores 0.6; the other query's positive
+    in column 2 is a planted false negative for query 0 (cosine 0.9 > 0.6 + 0.1); query 0's hard
+    negative scores 0.65, inside the margin, and must stay."""
+    torch.manual_seed(3)
+    b = torch.linalg.qr(torch.randn(16, 16))[0].T  # orthonormal rows
+    q = torch.stack([b[0], b[3], b[5]])
+    p = torch.stack([0.6 * b[0] + 0.8 * b[1], 0.65 * b[0] + (1 - 0.65**2) ** 0.5 * b[2],
+                     0.9 * b[0] + (1 - 0.9**2) ** 0.5 * b[3], b[6], 0.9 * b[5] + (1 - 0.9**2) ** 0.5 * b[8], b[7]])
+    return q, p
+
+
+def test_false_negative_masking_removes_exactly_the_planted_negative():
+    q, p = _planted()
+    cosines = q @ p.T
+    # The planted one is the only column of any row above its positive + 0.1.
+    above = cosines > cosines[torch.arange(3), torch.tensor([0, 2, 4])].unsqueeze(1) + 0.1
+    assert above.nonzero().tolist() == [[0, 2]]
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    out = InfoNCELoss(temperature=0.05, false_negative_margin=0.1)(q, p, group_size=2)
+    assert out.masked == 1
+    logits = cosines.detach() / 0.05
+    kept0 = [0, 1, 3, 4, 5]
+    manual = (-torch.log_softmax(logits[0, kept0], 0)[0] - torch.log_softmax(logits[1], 0)[2]
+              - torch.log_softmax(logits[2], 0)[4]) / 3
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    # Query 0 pulls on its positive and pushes its hard negative, but never touches the masked
+    # passage: that passage's gradient is what rows 1 and 2 give it, unchanged.
+    out.loss.backward()
+    rows12 = sum(-torch.log_softmax((q[i] @ p.T) / 0.05, 0)[2 * i] for i in (1, 2)) / 3
+    (expected,) = torch.autograd.grad(rows12, p, retain_graph=False)
+    assert torch.allclose(p.grad[2], expected[2], atol=1e-6)
+    unmasked = InfoNCELoss(temperature=0.05)(q.detach(), p.detach(), group_size=2)
+    assert unmasked.masked == 0 and unmasked.loss > out.loss
+
+
+def test_false_negative_masking_in_the_reverse_direction_and_within_groups_only():
+    q, p = _planted()
+    both = InfoNCELoss(temperature=0.05, symmetric=True, false_negative_margin=0.1)(q, p, group_size=2)
+    assert both.masked == 2  # query 0 -> passage 2, and passage 2 (query 1's positive) -> query 0
+    # Without in-batch negatives column 2 never competes with query 0: nothing to mask.
+    own = InfoNCELoss(temperature=0.05, false_negative_margin=0.1)(q, p, group_size=2, in_batch_negatives=False)
+    assert own.masked == 0
+    config = LossConfig(false_negative_margin=0.1)
+    assert config.false_negative_margin == 0.1
+    with pytest.raises(ValueError, match="false_negative_margin"):
+        LossConfig(false_negative_margin=-0.5)

@@ -61,3 +61,14 @@ def test_qlora_trains_and_reloads(tiny_dir, tmp_path):
     model = EmbeddingModel.load(tmp_path / "run" / "final")
     assert model.config.backbone.quantization == "4bit"
     assert model.encode(["a question"], instruction="x").shape == (1, 64)
+
+
+def test_false_negative_masking_is_counted_in_the_training_logs(tiny_dir, tmp_path):
+    """With margin 0 every negative an untrained model scores above its positive leaves the
+    loss; the count per step lands in metrics.jsonl (and TensorBoard beside it)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 3}, loss={"false_negative_margin": 0.0})
+    launch(config, launcher="python")
+    logged = metrics(tmp_path / "run")
+    counts = [m["masked_negatives"] for m in logged]
+    assert len(counts) == 3 and all(isinstance(c, int) and 0 <= c <= 4 * 8 for c in counts) and sum(counts) > 0

@@ -9,6 +9,12 @@ Passages arrive grouped per query: ``[pos_0, neg_0_1, ..., pos_1, ...]`` with ``
 rows each. With cross-device negatives every rank's groups are gathered (with gradients) and
 query ``i`` of rank ``r`` is labelled with column ``(r * B + i) * group_size``: its own
 positive, never another rank's row.
+
+False-negative masking (``false_negative_margin``): a negative, in-batch or hard, whose cosine
+with the query exceeds the positive's by more than the margin is most likely an unlabelled
+positive (a duplicate answer, a paraphrase); it leaves the softmax's denominator instead of
+being pushed away. This is the in-loss counterpart of mining's positive-aware rule, in the
+spirit of GISTEmbed (Solatorio, 2024, arXiv 2402.16829), with the student as its own guide.
 """
 
 from __future__ import annotations
@@ -25,15 +31,33 @@ from llmembed.distributed import gather_with_grad, world
 class LossOutput:
     loss: torch.Tensor
     accuracy: torch.Tensor  # share of queries whose positive scores highest
+    masked: int = 0  # negatives left out as likely false negatives (this rank's rows)
 
 
 class InfoNCELoss:
-    def __init__(self, temperature: float = 0.02, symmetric: bool = False, cross_device: bool = True) -> None:
+    def __init__(self, temperature: float = 0.02, symmetric: bool = False, cross_device: bool = True,
+                 false_negative_margin: float | None = None) -> None:
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.symmetric = symmetric
         self.cross_device = cross_device
+        self.false_negative_margin = false_negative_margin
+
+    def _logits(self, cosines: torch.Tensor, labels: torch.Tensor,
+                competing: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Temperature-scaled logits where only ``competing`` columns (all when None) face
+        the label, false negatives masked out; and how many competing columns were masked."""
+        excluded = torch.zeros_like(cosines, dtype=torch.bool) if competing is None else ~competing
+        masked = 0
+        if self.false_negative_margin is not None:
+            with torch.no_grad():
+                positive = cosines.gather(1, labels.unsqueeze(1))
+                suspect = (cosines > positive + self.false_negative_margin) & ~excluded
+                suspect[torch.arange(len(labels), device=labels.device), labels] = False
+            masked = int(suspect.sum())
+            excluded = excluded | suspect
+        return (cosines / self.temperature).masked_fill(excluded, float("-inf")), masked
 
     def __call__(self, queries: torch.Tensor, passages: torch.Tensor, group_size: int,
                  in_batch_negatives: bool = True) -> LossOutput:
@@ -47,20 +71,22 @@ class InfoNCELoss:
             all_queries, all_passages, offset = queries, passages, 0
         rows = torch.arange(local, device=queries.device) + offset
         labels = rows * group_size
-        scores = queries.float() @ all_passages.float().T / self.temperature
+        own_group = None
         if not in_batch_negatives:
             # Only the query's own group competes (classification-style data).
-            group_of_column = torch.arange(all_passages.shape[0], device=scores.device) // group_size
-            scores = scores.masked_fill(group_of_column.unsqueeze(0) != rows.unsqueeze(1), float("-inf"))
+            group_of_column = torch.arange(all_passages.shape[0], device=queries.device) // group_size
+            own_group = group_of_column.unsqueeze(0) == rows.unsqueeze(1)
+        scores, masked = self._logits(queries.float() @ all_passages.float().T, labels, own_group)
         loss = F.cross_entropy(scores, labels)
         accuracy = (scores.argmax(dim=1) == labels).float().mean()
         if self.symmetric:
             # Positive passage -> its query, against all queries in the (gathered) batch.
             positives = passages[::group_size]
-            reverse = positives.float() @ all_queries.float().T / self.temperature
+            own_query = None
             if not in_batch_negatives:
-                eye = torch.zeros_like(reverse, dtype=torch.bool)
-                eye[torch.arange(local), rows] = True
-                reverse = reverse.masked_fill(~eye, float("-inf"))
+                own_query = torch.zeros(local, all_queries.shape[0], dtype=torch.bool, device=queries.device)
+                own_query[torch.arange(local), rows] = True
+            reverse, masked_reverse = self._logits(positives.float() @ all_queries.float().T, rows, own_query)
+            masked += masked_reverse
             loss = (loss + F.cross_entropy(reverse, rows)) / 2
-        return LossOutput(loss, accuracy.detach())
+        return LossOutput(loss, accuracy.detach(), masked)

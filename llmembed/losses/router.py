@@ -35,6 +35,9 @@ class LossConfig:
     symmetric: bool = False
     cross_device_negatives: bool = True
     cosent_scale: float = bounded(20.0, gt=0.0)
+    # InfoNCE: negatives scoring above the positive by more than this (cosine) leave the
+    # denominator as likely false negatives; null: none are masked. 0.1 is a usual setting.
+    false_negative_margin: float | None = bounded(None, ge=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -66,7 +69,8 @@ class LossRouter:
     """One bound loss per loaded dataset, indexed like the dataset list the sampler draws from."""
 
     def __init__(self, datasets: Sequence[LoadedDataset], config: LossConfig) -> None:
-        self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives)
+        self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
+                                   config.false_negative_margin)
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]

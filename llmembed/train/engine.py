@@ -89,8 +89,9 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
         meter.add(stats)
         losses.append(stats.loss)
         if step % config.logging.log_every == 0 or step == run.total_steps:
+            extra = {"masked_negatives": stats.masked_negatives} if config.loss.false_negative_margin is not None else {}
             run_log.log(step, {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
-                               "grad_norm": stats.grad_norm, **meter.metrics()})
+                               "grad_norm": stats.grad_norm, **extra, **meter.metrics()})
         if evaluator.due(step, run.total_steps):
             paused = time.perf_counter()
             evaluator.run(step, engine, run.model, run_log)

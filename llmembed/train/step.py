@@ -100,6 +100,7 @@ class StepStats:
     samples: int
     padded_tokens: int
     real_tokens: int
+    masked_negatives: int = 0  # likely false negatives the loss left out (this rank)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
     device = engine.device
     loss_sum = torch.zeros((), device=device)
     accuracy_sum = torch.zeros((), device=device)
-    samples = padded = real = 0
+    samples = padded = real = masked = 0
     for _ in range(accumulation):
         batch = collate(next(batches))
         query, passage = _to(batch["query"], device), _to(batch["passage"], device)
@@ -124,6 +125,7 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         engine.step()
         loss_sum += out.loss.detach() / accumulation
         accuracy_sum += out.accuracy / accumulation
+        masked += out.masked
         samples += query["input_ids"].shape[0]
         padded += engine.module.processed_tokens
         real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
@@ -131,4 +133,4 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
     loss, accuracy = all_reduce_mean(torch.stack([loss_sum, accuracy_sum])).tolist()
     grad_norm = engine.get_global_grad_norm()
     return StepStats(loss, accuracy, float(grad_norm) if grad_norm is not None else float("nan"),
-                     samples, padded, real)
+                     samples, padded, real, masked)
