@@ -1,0 +1,103 @@
+"""llmembed.merge: LoRA folders merged linearly or by SLERP into a folder that exports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
+from llmembed.merge import MergeError, merge, slerp
+
+from .conftest import perturb_trained_weights, save_tiny
+
+TEXTS = ["what is the capital of France?", "Paris is the capital of France.", "Photosynthesis makes sugar."]
+
+
+def _trained(base, folder, seed, r=4, kind="latent_attention"):
+    config = EmbeddingModelConfig(backbone=BackboneConfig(str(base), dtype="float32"),
+                                  pooling=PoolingConfig(kind, num_latents=8, num_heads=4),
+                                  lora=LoraSettings(r=r, alpha=2 * r, dropout=0.0))
+    model = EmbeddingModel.build(config)
+    perturb_trained_weights(model, seed=seed)
+    with torch.no_grad():  # LoRA A too, so the two runs' deltas point different ways
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save(folder)
+    return folder
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    # Different LoRA ranks: adapters are merged into the backbone before the models are mixed.
+    return _trained(tiny_llama_dir, root / "a", seed=1, r=4), _trained(tiny_llama_dir, root / "b", seed=2, r=8)
+
+
+def test_slerp_ends_reproduce_the_inputs_and_the_middle_is_neither(runs, tmp_path):
+    a, b = (EmbeddingModel.load(f).encode(TEXTS) for f in runs)
+    assert _cos(a, b).min() < 0.99  # the two runs really differ
+    at0 = EmbeddingModel.load(merge(runs, tmp_path / "t0", "slerp", [1.0, 0.0])).encode(TEXTS)
+    at1 = EmbeddingModel.load(merge(runs, tmp_path / "t1", "slerp", [0.0, 1.0])).encode(TEXTS)
+    assert _cos(at0, a).min() >= 0.9999 and _cos(at1, b).min() >= 0.9999
+    middle = EmbeddingModel.load(merge(runs, tmp_path / "mid", "slerp")).encode(TEXTS)
+    assert _cos(middle, a).min() < 0.9999 and _cos(middle, b).min() < 0.9999
+
+
+def test_slerp_formula_and_linear_weights():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 7), torch.randn(5, 7)
+    omega = torch.acos(torch.dot(x.flatten(), y.flatten()) / x.norm() / y.norm())
+    t = 0.3
+    expected = (torch.sin((1 - t) * omega) * x + torch.sin(t * omega) * y) / torch.sin(omega)
+    assert torch.allclose(slerp(x, y, t), expected, atol=1e-5)
+    assert torch.allclose(slerp(x, 2 * x, 0.5), 1.5 * x)  # parallel: linear
+
+
+def test_linear_merge_is_the_weighted_mean_of_lora_merged_weights(runs, tmp_path):
+    from llmembed.merge import _without_lora
+
+    one, two = (_without_lora(EmbeddingModel.load(f)).state_dict() for f in runs)
+    merged = EmbeddingModel.load(merge(runs, tmp_path / "lin", "linear", [1.0, 3.0])).state_dict()
+    key = next(k for k in merged if k.endswith("q_proj.weight"))
+    assert torch.allclose(merged[key], 0.25 * one[key] + 0.75 * two[key], atol=1e-6)
+    head = next(k for k in merged if k.startswith("pooling."))
+    assert torch.allclose(merged[head], 0.25 * one[head] + 0.75 * two[head], atol=1e-6)
+    assert not (tmp_path / "lin" / "adapter").exists() and (tmp_path / "lin" / "backbone").is_dir()
+
+
+def test_a_merged_model_exports_and_passes_verify(runs, tmp_path):
+    from llmembed.export import export
+
+    merged = merge(runs, tmp_path / "m", "slerp", [0.5, 0.5])
+    out = export(merged, tmp_path / "export")  # raises if verify finds a mismatch
+    from sentence_transformers import SentenceTransformer
+
+    ours = EmbeddingModel.load(merged).encode(TEXTS)
+    # The latent-attention head is our module: sentence-transformers runs it only when asked.
+    served = SentenceTransformer(str(out), device="cpu", trust_remote_code=True).encode(TEXTS)
+    assert _cos(served, ours).min() >= 0.9999
+
+
+def test_unmergeable_inputs_are_one_line_errors(runs, tiny_llama_dir, tmp_path, default_dir):
+    other_base = save_tiny(tmp_path / "wide", "llama", default_dir, vocab_size=49152, hidden_size=64, heads=2,
+                           kv_heads=1)
+    wide = _trained(other_base, tmp_path / "wide-run", seed=3)
+    with pytest.raises(MergeError, match="wide-run: tensor .* has shape"):
+        merge([runs[0], wide], tmp_path / "x")
+    mean = _trained(tiny_llama_dir, tmp_path / "mean-run", seed=4, kind="mean")
+    with pytest.raises(MergeError, match="mean-run: serves differently .*pooling"):
+        merge([runs[0], mean], tmp_path / "y")
+    with pytest.raises(MergeError, match="exactly two"):
+        merge([runs[0], runs[1], runs[0]], tmp_path / "z", "slerp")
+    run = subprocess.run([sys.executable, "-m", "llmembed.merge", str(runs[0]), str(tmp_path / "gone"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "gone: cannot load" in run.stderr and "Traceback" not in run.stderr
