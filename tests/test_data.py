@@ -152,3 +152,42 @@ def test_training_lengths_cut_each_side_and_keep_eos(text_tokenizer):
     assert full["query"]["attention_mask"].sum(1).tolist()[0] == 64
     with pytest.raises(ValueError, match="query_max_length=65 must be between 2 and the model's max_length"):
         ContrastiveCollator(text_tokenizer, [ds], query_max_length=65)
+
+
+def test_distillation_groups_carry_the_teachers_scores_of_the_drawn_negatives(text_tokenizer):
+    from llmembed.data.collate import teacher_scores
+
+    def mined(i, k):
+        negatives = [f"n{i}_{j}" for j in range(k)]
+        meta = {"mining": {"positive_score": 0.9, "negative_scores": [round(0.1 * j, 1) for j in range(k)],
+                           "reranker_positive_score": 0.8, "reranker_negative_scores": [0.05 * j for j in range(k)]}}
+        return Record(f"q{i}", [f"p{i}"], negatives, meta=meta)
+
+    records = [mined(i, 5) for i in range(4)] + [mined(4, 1)]
+    ds = LoadedDataset("d", records, None, True, 3, "infonce", teacher_scores(records, "embedding", "d"))
+    collate = ContrastiveCollator(text_tokenizer, [ds], seed=0)
+    for epoch in range(3):
+        batch = collate(BatchRef(0, (0, 2, 4), epoch=epoch, step=0))
+        passages = _texts(text_tokenizer, batch["passage"])
+        teacher = batch["teacher_scores"]
+        assert teacher.shape == (3, 3)
+        for row, group in enumerate((passages[0:3], passages[3:6], passages[6:9])):
+            # Each score is the one mining gave that very text: n{i}_{j} scored 0.1 * j.
+            expected = [0.9] + [0.1 * int(text.split("_")[1]) for text in group[1:]]
+            assert teacher[row].tolist() == pytest.approx(expected)
+    assert teacher_scores(records, "reranker", "d")[1][:3] == pytest.approx([0.8, 0.0, 0.05])
+
+
+@pytest.mark.parametrize("meta,negatives,message", [
+    ({}, ["n"], "meta.mining.positive_score is missing"),
+    ({"mining": {"positive_score": 0.5, "negative_scores": [0.1]}}, [], "has no negatives"),
+    ({"mining": {"positive_score": 0.5, "negative_scores": [0.1]}}, ["a", "b"], "one score per negative"),
+    ({"mining": {"positive_score": 0.5, "negative_scores": [None, 0.2]}}, ["a", "b"], "without a score"),
+])
+def test_records_without_usable_teacher_scores_are_refused_by_number(meta, negatives, message):
+    from llmembed.data.collate import teacher_scores
+
+    records = [Record("fine", ["p"], ["n"], meta={"mining": {"positive_score": 0.5, "negative_scores": [0.1]}}),
+               Record("bad one", ["p"], negatives, meta=meta)]
+    with pytest.raises(ValueError, match=rf"data\.datasets\[0\] \(x\.jsonl\): record 2 \(query 'bad one'\): .*{message}"):
+        teacher_scores(records, "embedding", "data.datasets[0] (x.jsonl)")

@@ -143,3 +143,39 @@ def test_false_negative_masking_in_the_reverse_direction_and_within_groups_only(
     assert config.false_negative_margin == 0.1
     with pytest.raises(ValueError, match="false_negative_margin"):
         LossConfig(false_negative_margin=-0.5)
+
+
+def test_kl_distillation_matches_its_formula_and_vanishes_for_a_teacher_equal_to_the_student():
+    from llmembed.losses import KLDistillLoss
+
+    torch.manual_seed(5)
+    q = _unit(4, 8).requires_grad_(True)
+    p = _unit(12, 8).requires_grad_(True)  # group size 3
+    teacher = torch.rand(4, 3)
+    loss = KLDistillLoss(temperature=0.05, teacher_temperature=0.1)(q, p, teacher)
+    student = torch.stack([q[i] @ p[3 * i : 3 * i + 3].T for i in range(4)]) / 0.05
+    pt = torch.softmax(teacher / 0.1, 1)
+    manual = (pt * (pt.log() - torch.log_softmax(student, 1))).sum(1).mean()
+    assert torch.allclose(loss, manual, atol=1e-6) and loss > 0
+    # The student as its own teacher: zero loss and zero gradient.
+    own = torch.stack([q[i] @ p[3 * i : 3 * i + 3].T for i in range(4)]).detach()
+    same = KLDistillLoss(temperature=0.05, teacher_temperature=0.05)(q, p, own)
+    q_grad, p_grad = torch.autograd.grad(same, [q, p])
+    assert abs(same.item()) < 1e-7 and q_grad.abs().max() < 1e-6 and p_grad.abs().max() < 1e-6
+
+
+def test_router_adds_weighted_distillation_only_where_a_dataset_has_teacher_scores():
+    from llmembed.data.collate import LoadedDataset
+    from llmembed.losses import KLDistillLoss
+
+    torch.manual_seed(6)
+    q, p, teacher = _unit(2, 8), _unit(4, 8), torch.rand(2, 2)
+    plain = LoadedDataset("plain", [], None, True, 2, "infonce")
+    taught = LoadedDataset("taught", [], None, True, 2, "infonce", teacher=[[0.5, 0.1]])
+    router = LossRouter([plain, taught], LossConfig(temperature=0.05, distill_weight=0.5, teacher_temperature=0.1))
+    infonce = InfoNCELoss(0.05)(q, p, 2).loss
+    kl = KLDistillLoss(0.05, 0.1)(q, p, teacher)
+    assert torch.allclose(router(0)(q, p, None, teacher).loss, infonce)
+    assert torch.allclose(router(1)(q, p, None, teacher).loss, infonce + 0.5 * kl)
+    with pytest.raises(ValueError, match="taught: a distillation batch came without teacher scores"):
+        router(1)(q, p)

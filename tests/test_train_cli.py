@@ -72,3 +72,40 @@ def test_false_negative_masking_is_counted_in_the_training_logs(tiny_dir, tmp_pa
     logged = metrics(tmp_path / "run")
     counts = [m["masked_negatives"] for m in logged]
     assert len(counts) == 3 and all(isinstance(c, int) and 0 <= c <= 4 * 8 for c in counts) and sum(counts) > 0
+
+
+def _with_teacher(config, scores):
+    import yaml
+
+    tree = yaml.safe_load(config.read_text())
+    tree["data"]["datasets"][0]["teacher_scores"] = scores
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
+def test_distillation_from_mined_teacher_scores_trains_and_unmined_data_is_refused(tiny_dir, tmp_path):
+    """Negatives and scores from a real mining pass with the packaged all-MiniLM-L6-v2; the
+    same first batch costs InfoNCE + KL with the teacher, InfoNCE alone without it."""
+    from llmembed.data import read_jsonl
+    from llmembed.encoders import load_encoder, reference_model_dir
+    from llmembed.mine import MineSettings, mine
+
+    raw = write_pairs(tmp_path / "pairs.jsonl", 40)
+    records = [r for r in read_jsonl(raw)]
+    corpus = list(dict.fromkeys(t for r in records for t in r.positives + r.negatives))
+    mined, _ = mine(records, corpus, load_encoder(reference_model_dir()), MineSettings(0, 20, 3))
+    data = tmp_path / "mined.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in mined))
+    first = {}
+    for name, scores in (("plain", None), ("taught", "embedding")):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = _with_teacher(write_config(folder, tiny_dir, [data], train={"max_steps": 2},
+                                            loss={"distill_weight": 1.0, "teacher_temperature": 0.05}), scores)
+        launch(config, launcher="python")
+        first[name] = metrics(folder / "run")[0]["loss"]
+    assert first["taught"] > first["plain"] + 1e-4  # KL >= 0, and this teacher is not the student
+    config = _with_teacher(write_config(tmp_path, tiny_dir, [raw], train={"max_steps": 1}), "embedding")
+    run = launch(config, launcher="python", check=False)
+    assert run.returncode == 2 and "record 1 (query 'tell me about the" in run.stdout
+    assert "meta.mining.positive_score is missing" in run.stdout and "Traceback" not in run.stdout

@@ -5,6 +5,10 @@ from a generator seeded by ``(seed, epoch, dataset, row)`` so any rank, any rest
 single-process run draw the same ones. A record with fewer negatives than needed repeats its
 own; one with none borrows positives of other records of the same dataset (random negatives).
 
+For a dataset that distils a teacher (``teacher_scores``), each group also carries the
+teacher's scores of its passages, read from the records' ``meta.mining`` (written by
+``llmembed.mine``); such groups never borrow random negatives, which the teacher never scored.
+
 Texts become tokens through the model's :class:`~llmembed.tokenization.EmbeddingTokenizer`
 (prompts, EOS, padding side from the serving contract), never through the model itself.
 Training may cut queries and passages shorter than the serving length to save compute.
@@ -30,6 +34,38 @@ class LoadedDataset:
     in_batch_negatives: bool
     group_size: int
     loss: str  # "infonce" or "cosent", chosen once when the dataset is loaded
+    # Per record: the teacher's score of its positive, then of each negative (None: no distillation).
+    teacher: list[list[float]] | None = None
+
+
+TEACHER_KEYS = {"embedding": ("positive_score", "negative_scores"),
+                "reranker": ("reranker_positive_score", "reranker_negative_scores")}
+
+
+def teacher_scores(records: list[Record], source: str, where: str) -> list[list[float]]:
+    """``[positive, *negatives]`` teacher scores per record from ``meta.mining`` (``source``:
+    the mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores)."""
+    if source not in TEACHER_KEYS:
+        raise ValueError(f"{where}: teacher_scores must be one of {sorted(TEACHER_KEYS)}, got {source!r}")
+    positive_key, negative_key = TEACHER_KEYS[source]
+    table = []
+    for number, record in enumerate(records, start=1):
+        mining = record.meta.get("mining") or {}
+        positive, negatives = mining.get(positive_key), mining.get(negative_key)
+        problem = None
+        if not isinstance(positive, (int, float)):
+            problem = f"meta.mining.{positive_key} is missing"
+        elif not record.negatives:
+            problem = "has no negatives to distil over"
+        elif not isinstance(negatives, list) or len(negatives) != len(record.negatives):
+            problem = f"meta.mining.{negative_key} does not give one score per negative"
+        elif any(not isinstance(x, (int, float)) for x in negatives):
+            problem = f"meta.mining.{negative_key} has a negative without a score (kept from before mining?)"
+        if problem:
+            raise ValueError(f"{where}: record {number} (query {record.query[:40]!r}): {problem}; mine it with "
+                             f"llmembed.mine{' --cross-encoder' if source == 'reranker' else ''} or drop teacher_scores")
+        table.append([float(positive), *map(float, negatives)])
+    return table
 
 
 class ContrastiveCollator:
@@ -52,27 +88,27 @@ class ContrastiveCollator:
         self.query_max_length = query_max_length or serving
         self.passage_max_length = passage_max_length or serving
 
-    def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str]]:
+    def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str], list[int] | None]:
+        """The positive, the negatives, and the negatives' indices in the record (None when
+        they were borrowed from other records)."""
         ds = self.datasets[ds_index]
         record = ds.records[row]
         rng = np.random.default_rng([self.seed, epoch, ds_index, row])
         positive = record.positives[int(rng.integers(len(record.positives)))]
         need = ds.group_size - 1
         if need == 0:
-            return positive, []
-        if len(record.negatives) >= need:
-            picks = rng.choice(len(record.negatives), size=need, replace=False)
-            return positive, [record.negatives[int(i)] for i in picks]
+            return positive, [], []
         if record.negatives:
-            picks = rng.choice(len(record.negatives), size=need, replace=True)
-            return positive, [record.negatives[int(i)] for i in picks]
+            picks = [int(i) for i in rng.choice(len(record.negatives), size=need,
+                                                 replace=len(record.negatives) < need)]
+            return positive, [record.negatives[i] for i in picks], picks
         negatives = []
         while len(negatives) < need:
             other = int(rng.integers(len(ds.records)))
             if other != row:
                 pool = ds.records[other].positives
                 negatives.append(pool[int(rng.integers(len(pool)))])
-        return positive, negatives
+        return positive, negatives, None
 
     def __call__(self, ref: BatchRef) -> dict:
         ds = self.datasets[ref.dataset]
@@ -81,14 +117,20 @@ class ContrastiveCollator:
         queries = self.text_tokenizer([r.query for r in records], instructions, is_query=True,
                                       max_length=self.query_max_length)
         passages: list[str] = []
+        teacher: list[list[float]] = []
         for row in ref.indices:
-            positive, negatives = self._group(ref.dataset, row, ref.epoch)
+            positive, negatives, picks = self._group(ref.dataset, row, ref.epoch)
             passages += [positive, *negatives]
+            if ds.teacher is not None:
+                scores = ds.teacher[row]
+                teacher.append([scores[0], *(scores[1 + i] for i in picks)])
         batch = {
             "query": queries,
             "passage": self.text_tokenizer(passages, is_query=False, max_length=self.passage_max_length),
             "dataset": ref.dataset,  # the loss router binds group size and in-batch negatives to it
         }
+        if ds.teacher is not None:
+            batch["teacher_scores"] = torch.tensor(teacher, dtype=torch.float32)
         if all(r.score is not None for r in records):
             batch["scores"] = torch.tensor([r.score for r in records], dtype=torch.float32)
         return batch

@@ -19,6 +19,7 @@ import torch
 from llmembed.config import bounded, check_ranges
 
 from llmembed.losses.cosent import CoSENTLoss
+from llmembed.losses.distill import KLDistillLoss
 from llmembed.losses.infonce import InfoNCELoss, LossOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +39,10 @@ class LossConfig:
     # InfoNCE: negatives scoring above the positive by more than this (cosine) leave the
     # denominator as likely false negatives; null: none are masked. 0.1 is a usual setting.
     false_negative_margin: float | None = bounded(None, ge=0.0)
+    # Datasets with teacher_scores add distill_weight x KL(teacher || student) over each query's
+    # own candidates; the teacher's scores are turned into a distribution at teacher_temperature.
+    distill_weight: float = bounded(1.0, ge=0.0)
+    teacher_temperature: float = bounded(0.02, gt=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -62,7 +67,7 @@ class DatasetLoss(Protocol):
     """A loss bound to one dataset: embeddings in, loss and accuracy out."""
 
     def __call__(self, queries: torch.Tensor, passages: torch.Tensor,
-                 scores: torch.Tensor | None = None) -> LossOutput: ...
+                 scores: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> LossOutput: ...
 
 
 class LossRouter:
@@ -72,23 +77,32 @@ class LossRouter:
         self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
                                    config.false_negative_margin)
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
+        self.distill = KLDistillLoss(config.temperature, config.teacher_temperature)
+        self.distill_weight = config.distill_weight
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]
 
     def _bind(self, ds: LoadedDataset) -> DatasetLoss:
         if ds.loss == "infonce":
             infonce, group, in_batch = self.infonce, ds.group_size, ds.in_batch_negatives
+            distill = self.distill if ds.teacher is not None and self.distill_weight > 0 else None
+            weight, name = self.distill_weight, ds.name
 
-            def run_infonce(queries: torch.Tensor, passages: torch.Tensor,
-                            scores: torch.Tensor | None = None) -> LossOutput:
-                return infonce(queries, passages, group, in_batch)
+            def run_infonce(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                            teacher: torch.Tensor | None = None) -> LossOutput:
+                out = infonce(queries, passages, group, in_batch)
+                if distill is None:
+                    return out
+                if teacher is None:
+                    raise ValueError(f"dataset {name}: a distillation batch came without teacher scores")
+                return LossOutput(out.loss + weight * distill(queries, passages, teacher), out.accuracy, out.masked)
 
             return run_infonce
         if ds.loss == "cosent":
             cosent, name = self.cosent, ds.name
 
-            def run_cosent(queries: torch.Tensor, passages: torch.Tensor,
-                           scores: torch.Tensor | None = None) -> LossOutput:
+            def run_cosent(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                           teacher: torch.Tensor | None = None) -> LossOutput:
                 if scores is None:
                     raise ValueError(f"dataset {name}: a CoSENT batch came without scores")
                 return cosent(queries, passages, scores)

@@ -34,6 +34,10 @@ class DatasetConfig:
     group_size: int | None = bounded(None, ge=1)
     # "auto": CoSENT when every record carries a score, InfoNCE otherwise.
     loss: str = "auto"
+    # Distil a teacher's scores over each query's candidates (InfoNCE datasets): "embedding"
+    # (the mining model's scores) or "reranker" (llmembed.mine --cross-encoder), read from the
+    # records' meta.mining; weighted by loss.distill_weight. None: no distillation.
+    teacher_scores: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss != "auto" and self.loss not in LOSS_NAMES:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmembed.backbone import resolve_dtype
-from llmembed.data.collate import ContrastiveCollator, LoadedDataset
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset, teacher_scores
 from llmembed.data.readers import ReadReport, read_jsonl
 from llmembed.data.sampling import HomogeneousBatchSampler
 from llmembed.losses.router import LossRouter, choose_loss
@@ -123,8 +123,13 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
         loss = choose_loss(ds.loss, [r.score is not None for r in records], where)
         # CoSENT compares (query, positive) pairs: no hard negatives in a group.
         group = 1 if loss == "cosent" else (ds.group_size or config.data.group_size)
+        teacher = None
+        if ds.teacher_scores is not None:
+            if loss != "infonce":
+                raise ValueError(f"{where}: teacher_scores distils over hard negatives; it needs the infonce loss")
+            teacher = teacher_scores(records, ds.teacher_scores, where)
         loaded.append(LoadedDataset(ds.name or Path(ds.path).stem, records, ds.instruction, ds.in_batch_negatives,
-                                    group, loss))
+                                    group, loss, teacher))
     return loaded, report
 
 

@@ -120,7 +120,8 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         query, passage = _to(batch["query"], device), _to(batch["passage"], device)
         q, p = engine(query, passage)
         scores = batch["scores"].to(device) if "scores" in batch else None
-        out = losses(batch["dataset"])(q, p, scores)
+        teacher = batch["teacher_scores"].to(device) if "teacher_scores" in batch else None
+        out = losses(batch["dataset"])(q, p, scores, teacher)
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.detach() / accumulation
