@@ -191,3 +191,20 @@ def test_records_without_usable_teacher_scores_are_refused_by_number(meta, negat
                Record("bad one", ["p"], negatives, meta=meta)]
     with pytest.raises(ValueError, match=rf"data\.datasets\[0\] \(x\.jsonl\): record 2 \(query 'bad one'\): .*{message}"):
         teacher_scores(records, "embedding", "data.datasets[0] (x.jsonl)")
+
+
+def test_an_embedding_teacher_adds_its_cosines_of_the_raw_texts(text_tokenizer):
+    import numpy as np
+
+    from llmembed.encoders import load_encoder, reference_model_dir
+
+    teacher = load_encoder(reference_model_dir())
+    records = [Record("how do plants eat", ["By photosynthesis."], ["Cats sleep a lot."]),
+               Record("capital of France", ["Paris."], ["Bananas are yellow."])]
+    ds = LoadedDataset("d", records, "Retrieve", True, 2, "infonce")
+    batch = ContrastiveCollator(text_tokenizer, [ds], teacher_encoder=teacher)(BatchRef(0, (0, 1), epoch=0, step=0))
+    passages = ["By photosynthesis.", "Cats sleep a lot.", "Paris.", "Bananas are yellow."]
+    expected = teacher.encode_queries([r.query for r in records]) @ teacher.encode_passages(passages).T
+    similarity = batch["teacher_similarity"].numpy()
+    assert similarity.shape == (2, 4) and np.allclose(similarity, expected, atol=1e-6)
+    assert similarity[0, 0] > similarity[0, 1] and similarity[1, 2] > similarity[1, 3]  # the teacher knows

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmembed.losses import CoSENTLoss, InfoNCELoss, LossConfig, LossRouter, choose_loss
+from llmembed.losses import CoSENTLoss, InfoNCELoss, LossConfig, LossRouter, TeacherSignals, choose_loss
 
 
 def _unit(*shape):
@@ -175,7 +175,34 @@ def test_router_adds_weighted_distillation_only_where_a_dataset_has_teacher_scor
     router = LossRouter([plain, taught], LossConfig(temperature=0.05, distill_weight=0.5, teacher_temperature=0.1))
     infonce = InfoNCELoss(0.05)(q, p, 2).loss
     kl = KLDistillLoss(0.05, 0.1)(q, p, teacher)
-    assert torch.allclose(router(0)(q, p, None, teacher).loss, infonce)
-    assert torch.allclose(router(1)(q, p, None, teacher).loss, infonce + 0.5 * kl)
+    signals = TeacherSignals(scores=teacher)
+    assert torch.allclose(router(0)(q, p, None, signals).loss, infonce)
+    assert torch.allclose(router(1)(q, p, None, signals).loss, infonce + 0.5 * kl)
     with pytest.raises(ValueError, match="taught: a distillation batch came without teacher scores"):
         router(1)(q, p)
+
+
+def test_similarity_structure_loss_is_the_mse_of_cosine_matrices_of_any_widths():
+    from llmembed.data.collate import LoadedDataset
+    from llmembed.losses import SimilarityStructureLoss
+
+    torch.manual_seed(7)
+    q, p = torch.randn(3, 16).requires_grad_(True), torch.randn(6, 16).requires_grad_(True)
+    tq, tp = _unit(3, 5), _unit(6, 5)  # a narrower teacher
+    teacher = tq @ tp.T
+    loss = SimilarityStructureLoss()(q, p, teacher)
+    manual = ((F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T - teacher) ** 2).mean()
+    assert torch.allclose(loss, manual, atol=1e-7) and loss > 0
+    own = (F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T).detach()
+    same = SimilarityStructureLoss()(q, p, own)
+    assert same.item() < 1e-12 and all(g.abs().max() < 1e-7 for g in torch.autograd.grad(same, [q, p]))
+    router = LossRouter([LoadedDataset("d", [], None, True, 2, "infonce")],
+                        LossConfig(temperature=0.05, teacher_model="teacher", structure_weight=2.0))
+    qn, pn = F.normalize(q, dim=-1).detach(), F.normalize(p, dim=-1).detach()
+    out = router(0)(qn, pn, None, TeacherSignals(similarity=teacher))
+    expected = InfoNCELoss(0.05)(qn, pn, 2).loss + 2.0 * SimilarityStructureLoss()(qn, pn, teacher)
+    assert torch.allclose(out.loss, expected)
+    with pytest.raises(ValueError, match="without the teacher's similarities"):
+        router(0)(qn, pn)
+    with pytest.raises(ValueError, match="structure_weight > 0 needs teacher_model"):
+        LossConfig(structure_weight=1.0)

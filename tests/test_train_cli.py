@@ -109,3 +109,19 @@ def test_distillation_from_mined_teacher_scores_trains_and_unmined_data_is_refus
     run = launch(config, launcher="python", check=False)
     assert run.returncode == 2 and "record 1 (query 'tell me about the" in run.stdout
     assert "meta.mining.positive_score is missing" in run.stdout and "Traceback" not in run.stdout
+
+
+def test_structure_distillation_from_the_packaged_encoder_trains(tiny_dir, tmp_path):
+    """The packaged all-MiniLM-L6-v2 as a live teacher: the first step's loss gains the MSE of
+    the two models' cosine matrices (>= 0, and this teacher is not the student)."""
+    from llmembed.encoders import reference_model_dir
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    first = {}
+    for name, weight in (("plain", 0.0), ("taught", 5.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        loss = {"teacher_model": str(reference_model_dir()), "structure_weight": weight}
+        launch(write_config(folder, tiny_dir, [data], train={"max_steps": 2}, loss=loss), launcher="python")
+        first[name] = metrics(folder / "run")[0]["loss"]
+    assert first["taught"] > first["plain"] + 1e-4

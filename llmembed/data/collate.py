@@ -70,7 +70,10 @@ def teacher_scores(records: list[Record], source: str, where: str) -> list[list[
 
 class ContrastiveCollator:
     def __init__(self, text_tokenizer: EmbeddingTokenizer, datasets: list[LoadedDataset], seed: int = 0,
-                 query_max_length: int | None = None, passage_max_length: int | None = None) -> None:
+                 query_max_length: int | None = None, passage_max_length: int | None = None,
+                 teacher_encoder=None) -> None:
+        """``teacher_encoder`` (a :class:`llmembed.encoders.TextEncoder`): adds the teacher's
+        query x passage cosines of every InfoNCE batch, computed on the raw texts."""
         serving = text_tokenizer.contract.max_length
         for name, value in (("query_max_length", query_max_length), ("passage_max_length", passage_max_length)):
             if value is not None and not 2 <= value <= serving:
@@ -87,6 +90,7 @@ class ContrastiveCollator:
         self.seed = seed
         self.query_max_length = query_max_length or serving
         self.passage_max_length = passage_max_length or serving
+        self.teacher_encoder = teacher_encoder
 
     def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str], list[int] | None]:
         """The positive, the negatives, and the negatives' indices in the record (None when
@@ -131,6 +135,10 @@ class ContrastiveCollator:
         }
         if ds.teacher is not None:
             batch["teacher_scores"] = torch.tensor(teacher, dtype=torch.float32)
+        if self.teacher_encoder is not None and ds.loss == "infonce":
+            q = self.teacher_encoder.encode_queries([r.query for r in records])
+            p = self.teacher_encoder.encode_passages(passages)
+            batch["teacher_similarity"] = torch.from_numpy(q @ p.T)
         if all(r.score is not None for r in records):
             batch["scores"] = torch.tensor([r.score for r in records], dtype=torch.float32)
         return batch

@@ -20,6 +20,7 @@ from llmembed.config import bounded, check_ranges
 
 from llmembed.losses.cosent import CoSENTLoss
 from llmembed.losses.distill import KLDistillLoss
+from llmembed.losses.structure import SimilarityStructureLoss
 from llmembed.losses.infonce import InfoNCELoss, LossOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,9 +44,25 @@ class LossConfig:
     # own candidates; the teacher's scores are turned into a distribution at teacher_temperature.
     distill_weight: float = bounded(1.0, ge=0.0)
     teacher_temperature: float = bounded(0.02, gt=0.0)
+    # An embedding teacher (a sentence-transformers folder) run on every batch's texts: InfoNCE
+    # datasets add structure_weight x MSE(student cosines, teacher cosines), queries x passages.
+    teacher_model: str | None = None
+    structure_weight: float = bounded(0.0, ge=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.structure_weight > 0 and not self.teacher_model:
+            raise ValueError("structure_weight > 0 needs teacher_model (a sentence-transformers folder)")
+
+
+@dataclass
+class TeacherSignals:
+    """What a teacher says about one micro-batch: ``scores`` (B, group) of each query's own
+    candidates, from the records; ``similarity`` (B, B * group) of every query-passage pair,
+    from an embedding teacher run on the batch."""
+
+    scores: torch.Tensor | None = None
+    similarity: torch.Tensor | None = None
 
 
 def choose_loss(requested: str, scored: Sequence[bool], where: str) -> str:
@@ -67,7 +84,7 @@ class DatasetLoss(Protocol):
     """A loss bound to one dataset: embeddings in, loss and accuracy out."""
 
     def __call__(self, queries: torch.Tensor, passages: torch.Tensor,
-                 scores: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> LossOutput: ...
+                 scores: torch.Tensor | None = None, teacher: TeacherSignals | None = None) -> LossOutput: ...
 
 
 class LossRouter:
@@ -79,6 +96,8 @@ class LossRouter:
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
         self.distill = KLDistillLoss(config.temperature, config.teacher_temperature)
         self.distill_weight = config.distill_weight
+        self.structure = SimilarityStructureLoss() if config.structure_weight > 0 else None
+        self.structure_weight = config.structure_weight
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]
 
@@ -86,23 +105,28 @@ class LossRouter:
         if ds.loss == "infonce":
             infonce, group, in_batch = self.infonce, ds.group_size, ds.in_batch_negatives
             distill = self.distill if ds.teacher is not None and self.distill_weight > 0 else None
-            weight, name = self.distill_weight, ds.name
+            structure, weight, structure_weight, name = self.structure, self.distill_weight, self.structure_weight, ds.name
 
             def run_infonce(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
-                            teacher: torch.Tensor | None = None) -> LossOutput:
+                            teacher: TeacherSignals | None = None) -> LossOutput:
                 out = infonce(queries, passages, group, in_batch)
-                if distill is None:
-                    return out
-                if teacher is None:
-                    raise ValueError(f"dataset {name}: a distillation batch came without teacher scores")
-                return LossOutput(out.loss + weight * distill(queries, passages, teacher), out.accuracy, out.masked)
+                loss = out.loss
+                if distill is not None:
+                    if teacher is None or teacher.scores is None:
+                        raise ValueError(f"dataset {name}: a distillation batch came without teacher scores")
+                    loss = loss + weight * distill(queries, passages, teacher.scores)
+                if structure is not None:
+                    if teacher is None or teacher.similarity is None:
+                        raise ValueError(f"dataset {name}: a batch came without the teacher's similarities")
+                    loss = loss + structure_weight * structure(queries, passages, teacher.similarity)
+                return LossOutput(loss, out.accuracy, out.masked)
 
             return run_infonce
         if ds.loss == "cosent":
             cosent, name = self.cosent, ds.name
 
             def run_cosent(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
-                           teacher: torch.Tensor | None = None) -> LossOutput:
+                           teacher: TeacherSignals | None = None) -> LossOutput:
                 if scores is None:
                     raise ValueError(f"dataset {name}: a CoSENT batch came without scores")
                 return cosent(queries, passages, scores)

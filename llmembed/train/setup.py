@@ -261,9 +261,14 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     ds_config = build_ds_config(config, world_size, resolve_dtype(config.model.backbone.dtype) == torch.bfloat16)
     model, hf_ds = build_model(config, ds_config)
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
+    teacher = None
+    if config.loss.structure_weight > 0:
+        from llmembed.encoders import load_encoder
+
+        teacher = load_encoder(config.loss.teacher_model)
     collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,
                                    query_max_length=config.data.query_max_length,
-                                   passage_max_length=config.data.passage_max_length)
+                                   passage_max_length=config.data.passage_max_length, teacher_encoder=teacher)
     sampler = HomogeneousBatchSampler(
         [len(d.records) for d in datasets],
         [ds.weight for ds in config.data.datasets],

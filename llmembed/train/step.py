@@ -19,7 +19,7 @@ from torch import nn
 
 from llmembed.data.sampling import BatchRef
 from llmembed.distributed import all_reduce_mean
-from llmembed.losses.router import LossRouter
+from llmembed.losses.router import LossRouter, TeacherSignals
 from llmembed.model import EmbeddingModel
 
 
@@ -120,7 +120,10 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         query, passage = _to(batch["query"], device), _to(batch["passage"], device)
         q, p = engine(query, passage)
         scores = batch["scores"].to(device) if "scores" in batch else None
-        teacher = batch["teacher_scores"].to(device) if "teacher_scores" in batch else None
+        teacher = None
+        if "teacher_scores" in batch or "teacher_similarity" in batch:
+            teacher = TeacherSignals(*(batch[k].to(device) if k in batch else None
+                                       for k in ("teacher_scores", "teacher_similarity")))
         out = losses(batch["dataset"])(q, p, scores, teacher)
         engine.backward(out.loss)
         engine.step()
