@@ -235,3 +235,36 @@ def test_resume_drops_a_torn_metrics_line_and_later_steps(tmp_path):
     RunLogger(tmp_path, LoggingConfig(tensorboard=False, progress_bar=False), 0, 10, 3, {})
     assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:3]) + "\n"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stages_lay_their_sections_over_the_shared_ones_and_chain_their_models(tmp_path):
+    import yaml
+
+    from llmembed.config import ConfigError
+    from llmembed.train.config import load_plan
+
+    base = {"data": {"datasets": [{"path": "weak.jsonl"}], "group_size": 1},
+            "train": {"lr": 1e-4, "epochs": 1}, "checkpoint": {"output_dir": str(tmp_path / "run")},
+            "stages": [{"name": "weak"},
+                       {"name": "hard", "data": {"datasets": [{"path": "triples.jsonl"}], "group_size": 4},
+                        "train": {"lr": 2e-5}}]}
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(base))
+    weak, hard = load_plan(path, ["train.epochs=2"])
+    assert (weak.name, hard.name) == ("weak", "hard")
+    assert weak.config.checkpoint.output_dir == str(tmp_path / "run" / "weak") and weak.config.train.init_from is None
+    assert hard.config.checkpoint.output_dir == str(tmp_path / "run" / "hard")
+    assert hard.config.train.init_from == str(tmp_path / "run" / "weak" / "final")
+    assert [d.path for d in weak.config.data.datasets] == ["weak.jsonl"] and weak.config.data.group_size == 1
+    assert [d.path for d in hard.config.data.datasets] == ["triples.jsonl"] and hard.config.data.group_size == 4
+    assert (weak.config.train.lr, hard.config.train.lr) == (1e-4, 2e-5)
+    assert weak.config.train.epochs == hard.config.train.epochs == 2  # --set reaches every stage
+    assert [s.name for s in load_plan(None, ["train.lr=1e-3"])] == [""]
+    with pytest.raises(ConfigError, match="has stages; read it with load_plan"):
+        load_config(path)
+    for stages, message in (([{"name": "a"}, {"name": "a"}], "used twice"),
+                            ([{"train": {}}], r"stages\[0\]: each stage is a mapping with a name"),
+                            ([{"name": "a"}, {"name": "b", "train": {"lr": -1}}], r"stages\[1\] \(b\): train\.lr")):
+        path.write_text(yaml.safe_dump({**base, "stages": stages}))
+        with pytest.raises(ConfigError, match=message):
+            load_plan(path)

@@ -125,3 +125,37 @@ def test_structure_distillation_from_the_packaged_encoder_trains(tiny_dir, tmp_p
         launch(write_config(folder, tiny_dir, [data], train={"max_steps": 2}, loss=loss), launcher="python")
         first[name] = metrics(folder / "run")[0]["loss"]
     assert first["taught"] > first["plain"] + 1e-4
+
+
+def test_two_stages_chain_their_models_and_a_rerun_skips_finished_stages(tiny_dir, tmp_path):
+    """Stage 2 starts from stage 1's final weights: with a vanishing learning rate it ends
+    where stage 1 ended, not at the untrained model. A rerun finds both stages done."""
+    import numpy as np
+    import yaml
+
+    from llmembed.model import EmbeddingModel
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 3, "lr": 5e-3},
+                          model={"pooling": {"kind": "mean"}})
+    tree = yaml.safe_load(config.read_text())
+    tree["stages"] = [{"name": "weak", "data": {"group_size": 1}},
+                      {"name": "hard", "train": {"lr": 1e-12, "max_steps": 1, "warmup_steps": 0}}]
+    config.write_text(yaml.safe_dump(tree))
+    run = launch(config, launcher="python")
+    assert "stage weak ->" in run.stdout and "stage hard ->" in run.stdout
+    texts = ["tell me about the piano", "This passage describes the river in detail."]
+    weak = EmbeddingModel.load(tmp_path / "run" / "weak" / "final").encode(texts)
+    hard = EmbeddingModel.load(tmp_path / "run" / "hard" / "final").encode(texts)
+    fresh = EmbeddingModel.build(EmbeddingModel.load(tmp_path / "run" / "weak" / "final").config).encode(texts)
+    assert (weak * hard).sum(1).min() >= 0.9999
+    assert (weak * fresh).sum(1).min() < 0.999  # stage 1 really trained, so the match above means something
+    assert np.isfinite(hard).all()
+    again = launch(config, launcher="python")
+    assert "stage weak: finished before, skipped" in again.stdout and "stage hard: finished before, skipped" in again.stdout
+    # A later stage whose model serves differently cannot start from the earlier one.
+    tree["stages"][1]["model"] = {"pooling": {"kind": "last_token"}}
+    tree["stages"][1]["name"] = "other"
+    config.write_text(yaml.safe_dump(tree))
+    bad = launch(config, launcher="python", check=False)
+    assert bad.returncode == 2 and "stage other: train.init_from" in bad.stdout and "serves differently" in bad.stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,18 +33,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmembed.config import ConfigError
     from llmembed.data.schema import DataError
-    from llmembed.train.config import load_config
+    from llmembed.train.config import load_plan
 
     try:
-        config = load_config(args.config, args.set)
+        plan = load_plan(args.config, args.set)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     from llmembed.train.engine import train
 
-    try:
-        train(config, resume=args.resume, skip_invalid=args.skip_invalid)
-    except (DataError, ValueError, OSError) as err:  # OSError: a path that cannot be read or written
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for stage in plan:
+        if stage.name:
+            # A finished stage wrote summary.json last: a rerun goes on with the next one.
+            if (Path(stage.config.checkpoint.output_dir) / "summary.json").is_file():
+                print(f"stage {stage.name}: finished before, skipped", flush=True)
+                continue
+            print(f"stage {stage.name} -> {stage.config.checkpoint.output_dir}", flush=True)
+        try:
+            train(stage.config, resume=args.resume, skip_invalid=args.skip_invalid)
+        except (DataError, ValueError, OSError) as err:  # OSError: a path that cannot be read or written
+            print(f"error: {f'stage {stage.name}: ' if stage.name else ''}{err}", file=sys.stderr)
+            return 2
     return 0

@@ -7,6 +7,8 @@ Hugging Face's and DeepSpeed's own configs.
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,9 @@ class OptimConfig:
     max_grad_norm: float = bounded(1.0, ge=0.0)  # 0: no clipping
     seed: int = bounded(42, ge=0, lt=2**32)  # numpy's legacy seeding takes 32 bits
     gradient_checkpointing: bool = False
+    # Start from a trained model folder's weights (LoRA adapter or full backbone, pooling head);
+    # fresh optimizer and schedule. Set for every stage after the first by ``stages``.
+    init_from: str | None = None
     # Encode each side of a micro-batch in up to this many passes over rows of similar length:
     # the same embeddings, less padding (worth it on CPUs; on GPUs with ZeRO-3 each pass
     # gathers the weights again). 1: one padded pass.
@@ -139,8 +144,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path`` (YAML), apply ``KEY=VALUE`` overrides (values parsed as YAML), validate."""
+def _read_tree(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The YAML at ``path`` with ``KEY=VALUE`` overrides applied (values parsed as YAML)."""
     tree: dict[str, Any] = {}
     where = "<overrides>"
     if path is not None:
@@ -163,7 +168,69 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key.strip(), value)
+    return tree, where
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``KEY=VALUE`` overrides (values parsed as YAML), validate.
+    A config with ``stages`` is read with :func:`load_plan`."""
+    tree, where = _read_tree(path, overrides)
+    if "stages" in tree:
+        raise ConfigError(f"{where}: has stages; read it with load_plan (launch/train.py does)")
     try:
         return from_dict(TrainConfig, tree)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+@dataclass
+class Stage:
+    name: str  # "" for a config without stages
+    config: TrainConfig
+
+
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_plan(path: str | Path | None, overrides: list[str] | None = None) -> list[Stage]:
+    """The run's stages, each a whole config: the shared sections with the stage's own laid over
+    them (a stage's value wins over the shared one, ``--set`` included); stage ``name`` trains
+    into ``<checkpoint.output_dir>/<name>`` and every stage after the first starts from the
+    previous stage's ``final`` model (``train.init_from``). Without ``stages``: one stage."""
+    tree, where = _read_tree(path, overrides)
+    stages = tree.pop("stages", None)
+    if stages is None:
+        try:
+            return [Stage("", from_dict(TrainConfig, tree))]
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{where}: stages: expected a non-empty list of mappings")
+    base_out = str(tree.get("checkpoint", {}).get("output_dir", CheckpointConfig.output_dir))
+    plan: list[Stage] = []
+    previous: str | None = None
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not _STAGE_NAME.match(stage["name"]):
+            raise ConfigError(f"{where}: stages[{i}]: each stage is a mapping with a name (letters, digits, _ . -)")
+        name = stage["name"]
+        if any(s.name == name for s in plan):
+            raise ConfigError(f"{where}: stages[{i}]: the name {name!r} is used twice")
+        merged = _merged(tree, {k: v for k, v in stage.items() if k != "name"})
+        output_dir = f"{base_out}/{name}"
+        merged.setdefault("checkpoint", {})["output_dir"] = output_dir
+        if previous is not None:
+            merged.setdefault("train", {}).setdefault("init_from", f"{previous}/final")
+        try:
+            plan.append(Stage(name, from_dict(TrainConfig, merged)))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: stages[{i}] ({name}): {err}") from None
+        previous = output_dir
+    return plan

@@ -145,6 +145,13 @@ def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[Embeddi
 
         hf_ds = HfDeepSpeedConfig(ds_config)
     model = EmbeddingModel.build(config.model, gradient_checkpointing=config.train.gradient_checkpointing)
+    if config.train.init_from is not None:
+        if hf_ds is not None:
+            raise ValueError("train.init_from (and stages after the first) runs with ZeRO-2 for now: its weights "
+                             "are copied into a whole model, which ZeRO-3 has already partitioned")
+        from llmembed.train.init_from import load_start_weights
+
+        load_start_weights(model, config.train.init_from)
     return model, hf_ds
 
 
