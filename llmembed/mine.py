@@ -75,13 +75,16 @@ class MineReport:
     records_short_of_negatives: int = 0
     encoded: int = 0
     from_cache: int = 0
+    pairs_scored: int = 0  # by the cross-encoder
+    pairs_from_cache: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"records_in": self.records_in, "records_out": self.records_out,
                 "dropped_records": dict(self.dropped_records), "dropped_candidates": dict(self.dropped_candidates),
                 "negatives_written": self.negatives_written,
                 "records_short_of_negatives": self.records_short_of_negatives,
-                "texts_encoded": self.encoded, "texts_from_cache": self.from_cache}
+                "texts_encoded": self.encoded, "texts_from_cache": self.from_cache,
+                "pairs_scored": self.pairs_scored, "pairs_from_cache": self.pairs_from_cache}
 
 
 class EmbeddingCache:
@@ -230,7 +233,8 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
                 continue
             ranked.append((corpus[idx], float(score)))
         windows.append(ranked[settings.rank_start : settings.rank_end])
-    rerank_scores = _rerank(records, windows, reranker, progress) if reranker is not None else None
+    rerank_scores = (_rerank(records, windows, reranker, progress, cache_dir, settings.chunk_size, report)
+                     if reranker is not None else None)
 
     mined: list[Record] = []
     for number, (record, key) in enumerate(zip(records, query_keys)):
@@ -274,15 +278,22 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
     return mined, report
 
 
-def _rerank(records: Sequence[Record], windows: list[list[tuple[str, float]]], reranker,
-            progress: bool) -> list[tuple[float, list[float]]]:
+def _rerank(records: Sequence[Record], windows: list[list[tuple[str, float]]], reranker, progress: bool,
+            cache_dir: Path | None, chunk_size: int, report: MineReport) -> list[tuple[float, list[float]]]:
     """Each record's lowest positive score and its window's scores under ``reranker``, from one
-    batched pass over the distinct (query, passage) pairs."""
+    batched pass over the distinct (query, passage) pairs, cached like the embeddings (by the
+    reranker's fingerprint and the pairs), so a rerun scores nothing twice."""
     pairs: dict[tuple[str, str], int] = {}
     for record, window in zip(records, windows):
         for text in [*record.positives, *(t for t, _ in window)]:
             pairs.setdefault((record.query, text), len(pairs))
-    values = reranker.score(list(pairs), progress)
+    keys = [json.dumps(pair, ensure_ascii=False) for pair in pairs]
+    counts = MineReport()
+    cache = EmbeddingCache(cache_dir, reranker.fingerprint, "rerank", keys, chunk_size)
+    values = cache.embeddings(lambda chunk: reranker.score([tuple(json.loads(k)) for k in chunk], progress)[:, None],
+                              counts)[:, 0]
+    report.pairs_scored += counts.encoded
+    report.pairs_from_cache += counts.from_cache
     return [(min(float(values[pairs[(r.query, p)]]) for p in r.positives),
              [float(values[pairs[(r.query, t)]]) for t, _ in window]) for r, window in zip(records, windows)]
 
@@ -371,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  candidates set aside, {reason}: {count}")
     print(f"  records short of {settings.num_negatives} negatives: {report.records_short_of_negatives}")
     print(f"  texts encoded {report.encoded}, from cache {report.from_cache}")
+    if reranker is not None:
+        print(f"  pairs scored by the cross-encoder {report.pairs_scored}, from cache {report.pairs_from_cache}")
     return 0
 
 

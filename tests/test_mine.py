@@ -159,7 +159,7 @@ def cross_encoder(tmp_path_factory):
     return load_cross_encoder(folder)
 
 
-def test_cross_encoder_rescoring_orders_and_filters_by_the_reranker(encoder, cross_encoder):
+def test_cross_encoder_rescoring_orders_and_filters_by_the_reranker(encoder, cross_encoder, tmp_path):
     # A copy of the positive that differs only in spacing: the same tokens, so the reranker
     # gives it exactly the positive's score and the positive-aware rule must set it aside.
     twin = POSITIVE.replace(" ", "  ")
@@ -180,6 +180,13 @@ def test_cross_encoder_rescoring_orders_and_filters_by_the_reranker(encoder, cro
         assert np.allclose(mining["reranker_negative_scores"], [candidates[t] for t in expected], atol=1e-6)
     assert twin not in mined[0].negatives
     assert report.dropped_candidates["above_positive_ratio"] >= 1
+    # Reranker scores are cached by fingerprint and pairs: a rerun scores nothing again.
+    cache = tmp_path / "cache"
+    first, report = mine(RECORDS, corpus, encoder, settings, cache_dir=cache, reranker=cross_encoder)
+    assert report.pairs_scored > 0 and report.pairs_from_cache == 0
+    again, report = mine(RECORDS, corpus, encoder, settings, cache_dir=cache, reranker=cross_encoder)
+    assert report.pairs_scored == 0 and report.pairs_from_cache > 0
+    assert [r.to_json() for r in again] == [r.to_json() for r in first] == [r.to_json() for r in mined]
     # With the reranker as judge, --min-positive-score reads its scores too.
     lowest = min(m.meta["mining"]["reranker_positive_score"] for m in mined)
     kept, report = mine(RECORDS, corpus, encoder, MineSettings(0, 10, 4, min_positive_score=lowest + 1e-6),
