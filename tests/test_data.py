@@ -163,9 +163,12 @@ def test_distillation_groups_carry_the_teachers_scores_of_the_drawn_negatives(te
                            "reranker_positive_score": 0.8, "reranker_negative_scores": [0.05 * j for j in range(k)]}}
         return Record(f"q{i}", [f"p{i}"], negatives, meta=meta)
 
-    records = [mined(i, 5) for i in range(4)] + [mined(4, 1)]
+    records = [mined(i, 5) for i in range(4)] + [mined(4, 1), Record("q5", ["p5"], [])]
     ds = LoadedDataset("d", records, None, True, 3, "infonce", teacher_scores(records, "embedding", "d"))
     collate = ContrastiveCollator(text_tokenizer, [ds], seed=0)
+    # A record mining left without negatives borrows unscored ones and sits out (NaN row).
+    unscored = collate(BatchRef(0, (5, 0), epoch=0, step=0))["teacher_scores"]
+    assert unscored[0].isnan().all() and not unscored[1].isnan().any()
     for epoch in range(3):
         batch = collate(BatchRef(0, (0, 2, 4), epoch=epoch, step=0))
         passages = _texts(text_tokenizer, batch["passage"])
@@ -180,7 +183,6 @@ def test_distillation_groups_carry_the_teachers_scores_of_the_drawn_negatives(te
 
 @pytest.mark.parametrize("meta,negatives,message", [
     ({}, ["n"], "meta.mining.positive_score is missing"),
-    ({"mining": {"positive_score": 0.5, "negative_scores": [0.1]}}, [], "has no negatives"),
     ({"mining": {"positive_score": 0.5, "negative_scores": [0.1]}}, ["a", "b"], "one score per negative"),
     ({"mining": {"positive_score": 0.5, "negative_scores": [None, 0.2]}}, ["a", "b"], "without a score"),
 ])

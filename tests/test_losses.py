@@ -162,6 +162,13 @@ def test_kl_distillation_matches_its_formula_and_vanishes_for_a_teacher_equal_to
     same = KLDistillLoss(temperature=0.05, teacher_temperature=0.05)(q, p, own)
     q_grad, p_grad = torch.autograd.grad(same, [q, p])
     assert abs(same.item()) < 1e-7 and q_grad.abs().max() < 1e-6 and p_grad.abs().max() < 1e-6
+    # A NaN row (a record without scored negatives) sits out; all-NaN costs nothing.
+    holed = teacher.clone()
+    holed[1] = float("nan")
+    kept = KLDistillLoss(temperature=0.05, teacher_temperature=0.1)(q[[0, 2, 3]], p[[0, 1, 2, 6, 7, 8, 9, 10, 11]],
+                                                                    teacher[[0, 2, 3]])
+    assert torch.allclose(KLDistillLoss(0.05, 0.1)(q, p, holed), kept, atol=1e-6)
+    assert KLDistillLoss(0.05, 0.1)(q, p, torch.full((4, 3), float("nan"))).item() == 0.0
 
 
 def test_router_adds_weighted_distillation_only_where_a_dataset_has_teacher_scores():

@@ -34,29 +34,33 @@ class LoadedDataset:
     in_batch_negatives: bool
     group_size: int
     loss: str  # "infonce" or "cosent", chosen once when the dataset is loaded
-    # Per record: the teacher's score of its positive, then of each negative (None: no distillation).
-    teacher: list[list[float]] | None = None
+    # Per record: the teacher's score of its positive, then of each negative; a record without
+    # negatives has None (its group borrows unscored negatives and sits out the distillation).
+    # None for the whole list: no distillation.
+    teacher: list[list[float] | None] | None = None
 
 
 TEACHER_KEYS = {"embedding": ("positive_score", "negative_scores"),
                 "reranker": ("reranker_positive_score", "reranker_negative_scores")}
 
 
-def teacher_scores(records: list[Record], source: str, where: str) -> list[list[float]]:
+def teacher_scores(records: list[Record], source: str, where: str) -> list[list[float] | None]:
     """``[positive, *negatives]`` teacher scores per record from ``meta.mining`` (``source``:
-    the mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores)."""
+    the mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores); None
+    for a record that has no negatives (mining found none outside the positive-aware rule)."""
     if source not in TEACHER_KEYS:
         raise ValueError(f"{where}: teacher_scores must be one of {sorted(TEACHER_KEYS)}, got {source!r}")
     positive_key, negative_key = TEACHER_KEYS[source]
-    table = []
+    table: list[list[float] | None] = []
     for number, record in enumerate(records, start=1):
+        if not record.negatives:
+            table.append(None)
+            continue
         mining = record.meta.get("mining") or {}
         positive, negatives = mining.get(positive_key), mining.get(negative_key)
         problem = None
         if not isinstance(positive, (int, float)):
             problem = f"meta.mining.{positive_key} is missing"
-        elif not record.negatives:
-            problem = "has no negatives to distil over"
         elif not isinstance(negatives, list) or len(negatives) != len(record.negatives):
             problem = f"meta.mining.{negative_key} does not give one score per negative"
         elif any(not isinstance(x, (int, float)) for x in negatives):
@@ -127,7 +131,8 @@ class ContrastiveCollator:
             passages += [positive, *negatives]
             if ds.teacher is not None:
                 scores = ds.teacher[row]
-                teacher.append([scores[0], *(scores[1 + i] for i in picks)])
+                teacher.append([scores[0], *(scores[1 + i] for i in picks)] if scores is not None and picks is not None
+                               else [float("nan")] * ds.group_size)
         batch = {
             "query": queries,
             "passage": self.text_tokenizer(passages, is_query=False, max_length=self.passage_max_length),

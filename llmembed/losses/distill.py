@@ -7,8 +7,9 @@ over queries. This is the listwise distillation of RocketQAv2 (Ren et al., 2021,
 arXiv 2309.07597): the teacher says not only which passage is relevant but how much more than
 the others, which hard labels cannot. Teacher scores come from the records (``llmembed.mine``
 writes the mining model's and, with ``--cross-encoder``, the reranker's into ``meta.mining``),
-so the teacher runs once, offline. A teacher equal to the student gives zero loss and zero
-gradient (tested).
+so the teacher runs once, offline. Rows whose teacher scores are NaN (a record mining left
+without negatives) sit out. A teacher equal to the student gives zero loss and zero gradient
+(tested).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class KLDistillLoss:
             raise ValueError(f"teacher scores {tuple(teacher.shape)} do not match {queries.shape[0]} queries and "
                              f"{passages.shape[0]} passages")
         student = torch.einsum("bd,bgd->bg", queries.float(), passages.float().view(local, group, -1))
-        log_student = F.log_softmax(student / self.temperature, dim=1)
-        log_teacher = F.log_softmax(teacher.float().to(student.device) / self.teacher_temperature, dim=1)
+        teacher = teacher.float().to(student.device)
+        scored = ~teacher.isnan().any(dim=1)
+        if not scored.any():
+            return student.sum() * 0.0  # nothing to distil in this batch; keeps the graph whole
+        log_student = F.log_softmax(student[scored] / self.temperature, dim=1)
+        log_teacher = F.log_softmax(teacher[scored] / self.teacher_temperature, dim=1)
         return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
