@@ -213,3 +213,11 @@ def test_similarity_structure_loss_is_the_mse_of_cosine_matrices_of_any_widths()
         router(0)(qn, pn)
     with pytest.raises(ValueError, match="structure_weight > 0 needs teacher_model"):
         LossConfig(structure_weight=1.0)
+    # Listwise: KL of each query's distribution over all the batch's passages.
+    kl = SimilarityStructureLoss("kl", temperature=0.05, teacher_temperature=0.1)(q, p, teacher)
+    student = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T / 0.05
+    pt = torch.softmax(teacher / 0.1, 1)
+    assert torch.allclose(kl, (pt * (pt.log() - torch.log_softmax(student, 1))).sum(1).mean(), atol=1e-6)
+    assert SimilarityStructureLoss("kl", 0.05, 0.05)(q, p, own).abs().item() < 1e-6
+    with pytest.raises(ValueError, match="structure_kind"):
+        LossConfig(structure_kind="l1")

@@ -48,9 +48,14 @@ class LossConfig:
     # datasets add structure_weight x MSE(student cosines, teacher cosines), queries x passages.
     teacher_model: str | None = None
     structure_weight: float = bounded(0.0, ge=0.0)
+    # "mse": the cosines themselves (Jasper); "kl": each query's distribution over the batch's
+    # passages at temperature / teacher_temperature (listwise over in-batch candidates).
+    structure_kind: str = "mse"
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.structure_kind not in ("mse", "kl"):
+            raise ValueError(f"structure_kind must be mse or kl, got {self.structure_kind!r}")
         if self.structure_weight > 0 and not self.teacher_model:
             raise ValueError("structure_weight > 0 needs teacher_model (a sentence-transformers folder)")
 
@@ -96,7 +101,8 @@ class LossRouter:
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
         self.distill = KLDistillLoss(config.temperature, config.teacher_temperature)
         self.distill_weight = config.distill_weight
-        self.structure = SimilarityStructureLoss() if config.structure_weight > 0 else None
+        self.structure = (SimilarityStructureLoss(config.structure_kind, config.temperature, config.teacher_temperature)
+                          if config.structure_weight > 0 else None)
         self.structure_weight = config.structure_weight
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]
