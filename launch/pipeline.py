@@ -129,7 +129,7 @@ class Pipeline:
         mixed = self.data / "train_mixed.jsonl"
         self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed),
                                 str(self.data / "chatterbot_mined.jsonl"), str(filtered)]])
-        overrides = ["--set", f"checkpoint.output_dir={run_dir}",
+        overrides = ["--set", f"checkpoint.output_dir={run_dir}", "--set", f"loss.teacher_model={teacher}",
                      "--set", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
         self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",

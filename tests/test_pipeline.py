@@ -41,7 +41,7 @@ def test_every_shipped_training_config_loads_with_the_pipelines_overrides(tmp_pa
     and legal values, with the data and output overrides the pipeline adds."""
     from llmembed.train.config import load_config
 
-    overrides = [f"checkpoint.output_dir={tmp_path / 'run'}",
+    overrides = [f"checkpoint.output_dir={tmp_path / 'run'}", "loss.teacher_model=/models/teacher",
                  f"data.datasets=[{{path: {tmp_path / 'mixed.jsonl'}, name: mixed, group_size: 2}}]"]
     configs = sorted((REPO / "launch" / "configs").glob("*.yaml"))
     assert {"pipeline.yaml", "pipeline_gpu.yaml"} <= {c.name for c in configs}
