@@ -7,7 +7,8 @@ own; one with none borrows positives of other records of the same dataset (rando
 
 For a dataset that distils a teacher (``teacher_scores``), each group also carries the
 teacher's scores of its passages, read from the records' ``meta.mining`` (written by
-``llmembed.mine``); such groups never borrow random negatives, which the teacher never scored.
+``llmembed.mine``); a record mining left without negatives borrows random ones, which the
+teacher never scored, and its row (NaN) sits the distillation out.
 
 Texts become tokens through the model's :class:`~llmembed.tokenization.EmbeddingTokenizer`
 (prompts, EOS, padding side from the serving contract), never through the model itself.
