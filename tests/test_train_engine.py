@@ -134,6 +134,58 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == len(steps)
 
 
+def test_hard_negatives_are_remined_in_training_and_a_killed_run_resumes_with_them(tiny_dir, tmp_path):
+    """Conan re-mining on 2 processes: 16 records, each seen every 2 steps; as training makes
+    their negatives easy, re-mining at step 4 replaces them with the current model's, the
+    losses then leave those of a run without re-mining, and a run SIGKILLed after that
+    re-mining and resumed reproduces the uninterrupted run's losses (<= 1e-6)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 16)
+    original = {json.loads(l)["query"]: json.loads(l) for l in data.read_text().splitlines()}
+    remine = {"every": 4, "rank_start": 0, "rank_end": 10}
+    runs = {}
+    for name, every in (("straight", 4), ("crashed", 4), ("never", 0)):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_dir, [data], loss={"temperature": 0.1},
+                                  model={"lora": {"r": 4, "dropout": 0.1}}, remine={**remine, "every": every},
+                                  train={"max_steps": 8, "lr": 2e-3},
+                                  checkpoint={"output_dir": str(tmp_path / name / "run"), "save_every": 2,
+                                              "keep_last": 3})
+    launch(runs["straight"], procs=2)
+    launch(runs["never"], procs=2)
+    reference, plain = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "never" / "run")
+    assert [m["step"] for m in reference] == list(range(1, 9))
+    assert reference[3]["remined"] > 0 and all(m["remined"] == 0 for m in reference[:3]), reference
+    assert reference[-1]["remined_total"] >= reference[3]["remined"]
+    state = json.loads((tmp_path / "straight" / "run" / "checkpoints" / "step-4" / "remine_state.json").read_text())
+    assert len(state["replaced"]) == reference[3]["remined"]
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    corpus = {t for r in records for t in [r["positive"], *r["negatives"]]}
+    for _, row, negatives in state["replaced"]:
+        record = original[records[row]["query"]]
+        assert negatives != record["negatives"] and set(negatives) <= corpus - {record["positive"]}
+    # Same run up to the re-mining; the new negatives change the losses after it.
+    for a, b in zip(reference[:4], plain[:4], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-6
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(reference[4:], plain[4:], strict=True)) > 1e-3
+
+    run_dir = tmp_path / "crashed" / "run"
+
+    def past_the_remining() -> bool:
+        tag = checkpoint.latest_tag(run_dir / "checkpoints")
+        logged = logged_steps(run_dir)
+        return tag is not None and int(tag.removeprefix(checkpoint.TAG_PREFIX)) >= 4 and logged[-1] > 4
+
+    launch_and_kill(runs["crashed"], past_the_remining, procs=2, extra=["--resume", "auto"])
+    assert not (run_dir / "final").exists()
+    out = launch(runs["crashed"], procs=2, extra=["--resume", "auto"]).stdout
+    assert int(re.search(r"resumed from \S+ at step (\d+)", out).group(1)) >= 4, out[-3000:]
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(resumed, reference, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (resumed, reference)
+        assert a["remined_total"] == b["remined_total"]
+
+
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tiny_dir, tmp_path):
     """A torn file in the newest checkpoint, an empty `latest` marker and a torn last metrics
     line: `--resume auto` reports them and continues from the older intact checkpoint, with the

@@ -47,14 +47,15 @@ def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
     return folder / f"rng_state_rank{rank}.json", folder / f"rng_state_rank{rank}.safetensors"
 
 
-def save(engine, root: Path, step: int, rank: int, keep_last: int) -> Path:
+def save(engine, root: Path, step: int, rank: int, keep_last: int, files: dict[str, str] | None = None) -> Path:
     """Save a checkpoint that is either complete or invisible to resume, wherever a kill lands.
 
     RNG states first, then DeepSpeed's files, then the ``latest`` marker. DeepSpeed's own
     marker is switched off: rank 0 writes it as soon as rank 0's files are done, while other
     ranks may still be writing their optimizer shards. Ours is written after the barrier that
     ends ``save_checkpoint`` (every rank done), atomically (rename), in DeepSpeed's format so
-    its ``zero_to_fp32`` tool still finds the tag.
+    its ``zero_to_fp32`` tool still finds the tag. ``files`` (name -> text, the same on every
+    rank) is run state besides the engine's, written by rank 0 into the tag's folder.
     """
     import torch.distributed as dist
 
@@ -64,6 +65,9 @@ def save(engine, root: Path, step: int, rank: int, keep_last: int) -> Path:
     numbers_file, tensors_file = _rng_files(root / tag, rank)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensors_file))
     numbers_file.write_text(json.dumps(numbers))
+    if rank == 0:
+        for name, text in (files or {}).items():
+            (root / tag / name).write_text(text)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     if rank == 0:
         partial = root / "latest.tmp"

@@ -19,6 +19,7 @@ from llmembed.config import ConfigError, bounded, check_ranges, from_dict
 from llmembed.losses.router import LOSS_NAMES, LossConfig
 from llmembed.model import EmbeddingModelConfig
 from llmembed.train.evaluation import EvalConfig
+from llmembed.train.remine import RemineConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -131,6 +132,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    remine: RemineConfig = field(default_factory=RemineConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

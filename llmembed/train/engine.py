@@ -23,6 +23,7 @@ from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
 from llmembed.train.evaluation import TrainingEvaluator
 from llmembed.train.logging import RunLogger
+from llmembed.train.remine import STATE_FILE
 from llmembed.train.save import save_model, write_probe, write_summary
 from llmembed.train.setup import TrainSetup, prepare
 from llmembed.train.step import StepStats, optimizer_step
@@ -88,8 +89,10 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
         stats = optimizer_step(engine, batches, run.collator, run.losses, accum)
         meter.add(stats)
         losses.append(stats.loss)
-        if step % config.logging.log_every == 0 or step == run.total_steps:
-            extra = {"masked_negatives": stats.masked_negatives} if config.loss.false_negative_margin is not None else {}
+        extra = {"masked_negatives": stats.masked_negatives} if config.loss.false_negative_margin is not None else {}
+        if run.refresher is not None:
+            extra.update(_remine(run, step, stats, meter))
+        if step % config.logging.log_every == 0 or step == run.total_steps or extra.get("remined"):
             run_log.log(step, {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
                                "grad_norm": stats.grad_norm, **extra, **meter.metrics()})
         if evaluator.due(step, run.total_steps):
@@ -97,9 +100,24 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
             evaluator.run(step, engine, run.model, run_log)
             meter.started += time.perf_counter() - paused  # rates count training time only
         if config.checkpoint.save_every and step % config.checkpoint.save_every == 0 and step < run.total_steps:
-            checkpoint.save(engine, run.checkpoint_root, step, rank, config.checkpoint.keep_last)
+            files = {STATE_FILE: run.refresher.state()} if run.refresher is not None else None
+            checkpoint.save(engine, run.checkpoint_root, step, rank, config.checkpoint.keep_last, files)
     run_log.close()
     return losses, meter.metrics()  # rates of training alone, before saving
+
+
+def _remine(run: TrainSetup, step: int, stats: StepStats, meter: _Throughput) -> dict[str, float]:
+    """Track the step's hard-negative scores and, when due, re-mine the stale records (every
+    rank alike); returns what to log. Re-mining time is left out of the training rates."""
+    refresher, every = run.refresher, run.config.remine.every
+    refresher.observe(stats.negative_scores)
+    remined = 0
+    if step % every == 0 and step < run.total_steps:
+        paused = time.perf_counter()
+        remined = refresher.refresh(run.model, step)
+        run.engine.train()
+        meter.started += time.perf_counter() - paused
+    return {"remined": remined, "remined_total": refresher.total}
 
 
 def _finish(run: TrainSetup, losses: list[float], rates: dict[str, float]) -> TrainResult:

@@ -36,6 +36,7 @@ from llmembed.train.deepspeed_config import (
     offloads_optimizer,
     zero_stage,
 )
+from llmembed.train.remine import HardNegativeRefresher
 from llmembed.train.step import PairEncoder
 
 logger = logging.getLogger("llmembed.train")
@@ -58,6 +59,7 @@ class TrainSetup:
     losses: LossRouter
     total_steps: int
     start_step: int
+    refresher: HardNegativeRefresher | None = None  # re-mines hard negatives (remine.every > 0)
     # transformers keeps only a weak reference to its DeepSpeed config and asks it whether
     # ZeRO-3 is on (when loading, and in peft/gradient-checkpointing paths): keep it alive.
     hf_deepspeed_config: Any = None
@@ -284,9 +286,14 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         rank=rank,
         world_size=world_size,
     )
+    # Before DeepSpeed starts, like every data check (a corpus too small for the rank window).
+    refresher = HardNegativeRefresher(config.remine, datasets) if config.remine.enabled else None
     accum = opt.gradient_accumulation_steps
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * sampler.steps_per_epoch / accum))
     engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
-    start_step = resume_step(engine, Path(config.checkpoint.output_dir) / "checkpoints", resume, rank)
+    checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
+    start_step = resume_step(engine, checkpoints, resume, rank)
+    if refresher is not None and start_step > 0:
+        refresher.load(checkpoints / f"{checkpoint.TAG_PREFIX}{start_step}")
     return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
-                      LossRouter(datasets, config.loss), total_steps, start_step, hf_ds, run_lock)
+                      LossRouter(datasets, config.loss), total_steps, start_step, refresher, hf_ds, run_lock)

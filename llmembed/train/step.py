@@ -101,6 +101,23 @@ class StepStats:
     padded_tokens: int
     real_tokens: int
     masked_negatives: int = 0  # likely false negatives the loss left out (this rank)
+    # (dataset, row, mean cosine of the query with its own hard negatives) per query of this
+    # rank's micro-batches, for re-mining; no rows when the batches had no hard negatives.
+    negative_scores: torch.Tensor | None = None
+
+
+def negative_scores(ref: BatchRef, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+    """``(dataset, row, mean cosine with its hard negatives)`` for each query of a micro-batch
+    (passages grouped per query, positive first); float64, so row numbers stay exact."""
+    group = passages.shape[0] // max(queries.shape[0], 1)
+    if group < 2:
+        return torch.zeros(0, 3, dtype=torch.float64)
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(queries.float(), dim=-1)
+        p = torch.nn.functional.normalize(passages.float(), dim=-1).view(q.shape[0], group, -1)
+        mean = (p[:, 1:] @ q.unsqueeze(-1)).squeeze(-1).mean(dim=1).double().cpu()
+    rows = torch.tensor(ref.indices, dtype=torch.float64)
+    return torch.stack([torch.full_like(rows, ref.dataset), rows, mean], dim=1)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,8 +132,10 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
     loss_sum = torch.zeros((), device=device)
     accuracy_sum = torch.zeros((), device=device)
     samples = padded = real = masked = 0
+    seen = []
     for _ in range(accumulation):
-        batch = collate(next(batches))
+        ref = next(batches)
+        batch = collate(ref)
         query, passage = _to(batch["query"], device), _to(batch["passage"], device)
         q, p = engine(query, passage)
         scores = batch["scores"].to(device) if "scores" in batch else None
@@ -125,6 +144,7 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
             teacher = TeacherSignals(*(batch[k].to(device) if k in batch else None
                                        for k in ("teacher_scores", "teacher_similarity")))
         out = losses(batch["dataset"])(q, p, scores, teacher)
+        seen.append(negative_scores(ref, q, p))
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.detach() / accumulation
@@ -137,4 +157,4 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
     loss, accuracy = all_reduce_mean(torch.stack([loss_sum, accuracy_sum])).tolist()
     grad_norm = engine.get_global_grad_norm()
     return StepStats(loss, accuracy, float(grad_norm) if grad_norm is not None else float("nan"),
-                     samples, padded, real, masked)
+                     samples, padded, real, masked, torch.cat(seen))
