@@ -91,6 +91,29 @@ def test_ranks_split_the_single_process_batch_and_epochs_reshuffle():
     assert len(seen) == len(set(seen))
 
 
+def test_shared_datasets_give_every_rank_the_same_rows_and_the_others_split():
+    """Conan's balancing: dataset 0 (shared) hands each rank the same 4 rows, as one process with
+    batch 4 would; dataset 1 keeps 8 distinct rows split over the ranks."""
+    ranks = [HomogeneousBatchSampler([64, 40], [1, 1], 8, seed=2, rank=r, world_size=2, shared=[True, False])
+             for r in (0, 1)]
+    assert ranks[0].steps_per_epoch == 64 // 4 + 40 // 8
+    kinds = set()
+    for step in range(40):
+        a, b = (next(s.batches(step)) for s in ranks)
+        assert a.dataset == b.dataset
+        kinds.add(a.dataset)
+        if a.dataset == 0:
+            assert a.indices == b.indices and len(a.indices) == 4
+        else:
+            assert len(a.indices) == len(b.indices) == 4 and not set(a.indices) & set(b.indices)
+    assert kinds == {0, 1}
+    one = HomogeneousBatchSampler([64], [1], 4, seed=2)
+    only_shared = [HomogeneousBatchSampler([64], [1], 8, seed=2, rank=r, world_size=2, shared=[True]) for r in (0, 1)]
+    for step in (0, 5, 17):
+        assert next(only_shared[0].batches(step)).indices == next(only_shared[1].batches(step)).indices \
+            == next(one.batches(step)).indices
+
+
 def test_sampler_refuses_bad_settings():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         HomogeneousBatchSampler([4], [1], 8)
@@ -110,6 +133,17 @@ def _texts(tok: EmbeddingTokenizer, inputs: dict) -> list[str]:
     """The texts a tokenized batch holds (padding and EOS dropped)."""
     rows = [ids[mask.bool()] for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
     return [tok.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+def test_ranks_sharing_queries_draw_the_same_positive_and_distinct_negatives(text_tokenizer):
+    records = [Record(f"q{i}", [f"p{i}a", f"p{i}b"], [f"n{i}_{j}" for j in range(4)]) for i in range(4)]
+    ds = LoadedDataset("d", records, None, True, 3, "infonce", shared_queries=True)
+    groups = [_texts(text_tokenizer, ContrastiveCollator(text_tokenizer, [ds], seed=1, rank=r, world_size=2)(
+        BatchRef(0, (0, 1, 2, 3), epoch=0, step=0))["passage"]) for r in (0, 1)]
+    for i in range(4):
+        mine, theirs = groups[0][3 * i : 3 * i + 3], groups[1][3 * i : 3 * i + 3]
+        assert mine[0] == theirs[0] and mine[0] in (f"p{i}a", f"p{i}b")
+        assert sorted(mine[1:] + theirs[1:]) == [f"n{i}_{j}" for j in range(4)]  # a share each, no overlap
 
 
 def test_groups_hold_positive_then_fresh_hard_negatives(text_tokenizer):

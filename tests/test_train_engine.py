@@ -15,6 +15,7 @@ from llmembed.train import checkpoint
 
 from .conftest import save_tiny
 from .train_utils import (
+    TOPICS,
     launch,
     launch_and_kill,
     logged_steps,
@@ -91,6 +92,30 @@ def test_cross_device_negatives_equal_one_big_batch(tiny_dir, tmp_path):
             assert abs(a["loss"] - b["loss"]) < 1e-5, (runs[name], runs["one"])
             assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
     assert runs["two_bucketed"][-1]["padding_share"] < runs["two"][-1]["padding_share"]
+
+
+def test_balanced_ranks_equal_one_process_holding_every_ranks_negatives(tiny_dir, tmp_path):
+    """Conan's cross-rank balancing: 2 processes sharing 4 queries, each drawing its own one of
+    every record's 2 hard negatives (group 2), give step by step the loss and gradient norm of
+    one process with the same 4 queries and both negatives in each group (group 3)."""
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i in range(32):
+            t = TOPICS[i % len(TOPICS)]
+            f.write(json.dumps({"query": f"tell me about the {t} number {i}",
+                                "positive": f"This passage describes the {t} in detail, item {i}.",
+                                "negatives": [f"A passage about a {TOPICS[(i + 3) % 16]}, item {i}.",
+                                              f"Unrelated text on {TOPICS[(i + 5) % 16]}, number {i}."]}) + "\n")
+    runs = {}
+    for name, procs, group in (("balanced", 2, 2), ("one", 1, 3)):
+        (tmp_path / name).mkdir()
+        config = write_config(tmp_path / name, tiny_dir, [tmp_path / "pairs.jsonl"], loss={"symmetric": True},
+                              data={"group_size": group, "balanced_ranks": True}, train={"max_steps": 4})
+        launch(config, procs=procs)
+        runs[name] = metrics(tmp_path / name / "run")
+    assert [m["step"] for m in runs["balanced"]] == [m["step"] for m in runs["one"]] == [1, 2, 3, 4]
+    for a, b in zip(runs["balanced"], runs["one"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (runs["balanced"], runs["one"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
 
 
 def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):

@@ -35,11 +35,11 @@ def write_pairs(path: Path, n: int = 64, offset: int = 0) -> Path:
     return path
 
 
-def write_config(tmp: Path, model_dir: Path, data: list[Path], **sections) -> Path:
+def write_config(tmp: Path, model_dir: Path, data_files: list[Path], **sections) -> Path:
     config = {
         "model": {"backbone": {"name_or_path": str(model_dir), "dtype": "float32"},
                   "pooling": {"kind": "last_token"}, "lora": {"r": 4, "dropout": 0.0}},
-        "data": {"datasets": [{"path": str(p)} for p in data], "group_size": 2,
+        "data": {"datasets": [{"path": str(p)} for p in data_files], "group_size": 2,
                  "query_max_length": 32, "passage_max_length": 32},
         "train": {"lr": 1e-3, "per_device_batch_size": 4, "max_steps": 6, "seed": 3, "deepspeed": "zero2"},
         "checkpoint": {"output_dir": str(tmp / "run"), "save_every": 0, "keep_last": 2},

@@ -4,6 +4,8 @@ Per query: one positive and ``group_size - 1`` hard negatives, sampled afresh ev
 from a generator seeded by ``(seed, epoch, dataset, row)`` so any rank, any restart and a
 single-process run draw the same ones. A record with fewer negatives than needed repeats its
 own; one with none borrows positives of other records of the same dataset (random negatives).
+With shared queries (Conan's balancing) rank ``r`` of ``W`` draws from negatives
+``r, r+W, ...`` of each record, so the ranks' negatives are distinct.
 
 For a dataset that distils a teacher (``teacher_scores``), each group also carries the
 teacher's scores of its passages, read from the records' ``meta.mining`` (written by
@@ -39,6 +41,9 @@ class LoadedDataset:
     # negatives has None (its group borrows unscored negatives and sits out the distillation).
     # None for the whole list: no distillation.
     teacher: list[list[float] | None] | None = None
+    # Conan's cross-rank balancing (data.balanced_ranks): every rank takes the same queries
+    # and positives of a batch and draws its own share of the hard negatives.
+    shared_queries: bool = False
 
 
 TEACHER_KEYS = {"embedding": ("positive_score", "negative_scores"),
@@ -76,7 +81,7 @@ def teacher_scores(records: list[Record], source: str, where: str) -> list[list[
 class ContrastiveCollator:
     def __init__(self, text_tokenizer: EmbeddingTokenizer, datasets: list[LoadedDataset], seed: int = 0,
                  query_max_length: int | None = None, passage_max_length: int | None = None,
-                 teacher_encoder=None) -> None:
+                 teacher_encoder=None, rank: int = 0, world_size: int = 1) -> None:
         """``teacher_encoder`` (a :class:`llmembed.encoders.TextEncoder`): adds the teacher's
         query x passage cosines of every InfoNCE batch, computed on the raw texts."""
         serving = text_tokenizer.contract.max_length
@@ -96,6 +101,7 @@ class ContrastiveCollator:
         self.query_max_length = query_max_length or serving
         self.passage_max_length = passage_max_length or serving
         self.teacher_encoder = teacher_encoder
+        self.rank, self.world_size = rank, world_size
 
     def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str], list[int] | None]:
         """The positive, the negatives, and the negatives' indices in the record (None when
@@ -107,9 +113,15 @@ class ContrastiveCollator:
         need = ds.group_size - 1
         if need == 0:
             return positive, [], []
+        pool = range(len(record.negatives))
+        if ds.shared_queries and self.world_size > 1:
+            # Same positive on every rank (drawn above); this rank's own stream and, where the
+            # record has enough, its own share of the negatives, so ranks draw distinct ones.
+            rng = np.random.default_rng([self.seed, epoch, ds_index, row, 1, self.rank])
+            if len(record.negatives) >= self.world_size:
+                pool = range(self.rank, len(record.negatives), self.world_size)
         if record.negatives:
-            picks = [int(i) for i in rng.choice(len(record.negatives), size=need,
-                                                 replace=len(record.negatives) < need)]
+            picks = [pool[int(i)] for i in rng.choice(len(pool), size=need, replace=len(pool) < need)]
             return positive, [record.negatives[i] for i in picks], picks
         negatives = []
         while len(negatives) < need:

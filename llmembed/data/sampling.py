@@ -25,30 +25,38 @@ class BatchRef:
 
 class HomogeneousBatchSampler:
     def __init__(self, sizes: list[int], weights: list[float], global_batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, shared: list[bool] | None = None) -> None:
+        """``shared[i]``: dataset ``i``'s batches are the same rows on every rank (Conan's
+        balancing: one local batch of queries, each rank its own negatives); the others'
+        batches are ``global_batch_size`` distinct rows."""
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by world size {world_size}")
         if len(sizes) != len(weights) or not sizes:
             raise ValueError("one weight per dataset is needed")
-        for i, (size, weight) in enumerate(zip(sizes, weights)):
-            if weight < 0:
-                raise ValueError(f"data.datasets[{i}].weight must be >= 0, got {weight}")
-            if weight > 0 and size < global_batch_size:
-                raise ValueError(
-                    f"data.datasets[{i}] has {size} records, fewer than one global batch ({global_batch_size})"
-                )
+        self.local = global_batch_size // world_size
+        self.shared = [bool(x) and world_size > 1 for x in (shared or [False] * len(sizes))]
+        self.rows_per_batch = [self.local if sh else global_batch_size for sh in self.shared]
         total = float(sum(weights))
         if total <= 0:
             raise ValueError("at least one dataset needs a positive weight")
+        for i, (size, weight) in enumerate(zip(sizes, weights)):
+            if weight < 0:
+                raise ValueError(f"data.datasets[{i}].weight must be >= 0, got {weight}")
+            if weight > 0 and size < self.rows_per_batch[i]:
+                raise ValueError(
+                    f"data.datasets[{i}] has {size} records, fewer than one global batch ({self.rows_per_batch[i]})"
+                )
         self.sizes = sizes
         self.probs = np.asarray(weights, dtype=np.float64) / total
         self.batch = global_batch_size
-        self.local = global_batch_size // world_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        usable = [s for s, w in zip(sizes, weights) if w > 0]
-        self.steps_per_epoch = max(1, sum(usable) // global_batch_size)
+        if any(self.shared):
+            self.steps_per_epoch = max(1, sum(s // b for s, b, w in zip(sizes, self.rows_per_batch, weights) if w > 0))
+        else:
+            usable = [s for s, w in zip(sizes, weights) if w > 0]
+            self.steps_per_epoch = max(1, sum(usable) // global_batch_size)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -61,14 +69,15 @@ class HomogeneousBatchSampler:
         plan = []
         for ds in choices:
             ds = int(ds)
-            if cursors[ds] + self.batch > self.sizes[ds]:
+            batch = self.rows_per_batch[ds]
+            if cursors[ds] + batch > self.sizes[ds]:
                 cycles[ds] += 1
                 cursors[ds] = 0
             key = (ds, cycles[ds])
             if key not in orders:
                 orders[key] = self._rng(epoch, 1, ds, cycles[ds]).permutation(self.sizes[ds])
-            rows = orders[key][cursors[ds] : cursors[ds] + self.batch].tolist()
-            cursors[ds] += self.batch
+            rows = orders[key][cursors[ds] : cursors[ds] + batch].tolist()
+            cursors[ds] += batch
             plan.append((ds, rows))
         return plan
 
@@ -87,6 +96,6 @@ class HomogeneousBatchSampler:
             if epoch != plan_epoch:
                 plan_epoch, plan = epoch, self._epoch_plan(epoch)
             ds, rows = plan[within]
-            mine = rows[self.rank * self.local : (self.rank + 1) * self.local]
+            mine = rows if self.shared[ds] else rows[self.rank * self.local : (self.rank + 1) * self.local]
             yield BatchRef(ds, tuple(mine), epoch, step)
             step += 1

@@ -15,6 +15,11 @@ with the query exceeds the positive's by more than the margin is most likely an 
 positive (a duplicate answer, a paraphrase); it leaves the softmax's denominator instead of
 being pushed away. This is the in-loss counterpart of mining's positive-aware rule, in the
 spirit of GISTEmbed (Solatorio, 2024, arXiv 2402.16829), with the student as its own guide.
+
+Cross-rank balancing (``shared_queries``, Conan-embedding, Li et al., 2024, arXiv 2408.15710):
+instead of each rank bringing its own queries, all ranks hold the same queries and positives
+and bring distinct hard negatives, so a query meets ``ranks x (group_size - 1)`` hard negatives
+at the memory cost of ``group_size - 1``.
 """
 
 from __future__ import annotations
@@ -60,11 +65,13 @@ class InfoNCELoss:
         return (cosines / self.temperature).masked_fill(excluded, float("-inf")), masked
 
     def __call__(self, queries: torch.Tensor, passages: torch.Tensor, group_size: int,
-                 in_batch_negatives: bool = True) -> LossOutput:
+                 in_batch_negatives: bool = True, shared_queries: bool = False) -> LossOutput:
         local = queries.shape[0]
         if passages.shape[0] != local * group_size:
             raise ValueError(f"{passages.shape[0]} passages for {local} queries x group {group_size}")
         rank, size = world()
+        if shared_queries and self.cross_device and size > 1:
+            return self._balanced(queries, passages, group_size, in_batch_negatives, size)
         if self.cross_device and size > 1:
             all_queries, all_passages, offset = gather_with_grad(queries), gather_with_grad(passages), rank * local
         else:
@@ -89,4 +96,34 @@ class InfoNCELoss:
             reverse, masked_reverse = self._logits(positives.float() @ all_queries.float().T, rows, own_query)
             masked += masked_reverse
             loss = (loss + F.cross_entropy(reverse, rows)) / 2
+        return LossOutput(loss, accuracy.detach(), masked)
+
+    def _balanced(self, queries: torch.Tensor, passages: torch.Tensor, group_size: int, in_batch_negatives: bool,
+                  size: int) -> LossOutput:
+        """Conan's cross-rank balancing: every rank holds the same queries and positives and its
+        own hard negatives. Each query competes with the batch's positives (once) and every
+        rank's negatives, gathered with gradients: the loss of one process whose groups hold
+        all ranks' negatives, computed alike on every rank."""
+        local, negatives_per_rank = queries.shape[0], group_size - 1
+        grouped = passages.view(local, group_size, -1)
+        candidates = [grouped[:, 0]]
+        # Column j of the negatives block belongs to query j // (size * negatives_per_rank).
+        if negatives_per_rank:
+            gathered = gather_with_grad(grouped[:, 1:].contiguous())  # (size * local, g - 1, d)
+            everyone = gathered.view(size, local, negatives_per_rank, -1).transpose(0, 1)
+            candidates.append(everyone.reshape(local * size * negatives_per_rank, -1))
+        columns = torch.cat(candidates)
+        labels = torch.arange(local, device=queries.device)
+        own = None
+        if not in_batch_negatives:
+            owner = torch.cat([labels, labels.repeat_interleave(size * negatives_per_rank)])
+            own = owner.unsqueeze(0) == labels.unsqueeze(1)
+        scores, masked = self._logits(queries.float() @ columns.float().T, labels, own)
+        loss = F.cross_entropy(scores, labels)
+        accuracy = (scores.argmax(dim=1) == labels).float().mean()
+        if self.symmetric:  # the queries are the same on every rank: nothing to gather
+            own_query = None if in_batch_negatives else torch.eye(local, dtype=torch.bool, device=queries.device)
+            reverse, masked_reverse = self._logits(grouped[:, 0].float() @ queries.float().T, labels, own_query)
+            masked += masked_reverse
+            loss = (loss + F.cross_entropy(reverse, labels)) / 2
         return LossOutput(loss, accuracy.detach(), masked)

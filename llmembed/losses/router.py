@@ -109,13 +109,13 @@ class LossRouter:
 
     def _bind(self, ds: LoadedDataset) -> DatasetLoss:
         if ds.loss == "infonce":
-            infonce, group, in_batch = self.infonce, ds.group_size, ds.in_batch_negatives
+            infonce, group, in_batch, shared = self.infonce, ds.group_size, ds.in_batch_negatives, ds.shared_queries
             distill = self.distill if ds.teacher is not None and self.distill_weight > 0 else None
             structure, weight, structure_weight, name = self.structure, self.distill_weight, self.structure_weight, ds.name
 
             def run_infonce(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
                             teacher: TeacherSignals | None = None) -> LossOutput:
-                out = infonce(queries, passages, group, in_batch)
+                out = infonce(queries, passages, group, in_batch, shared)
                 loss = out.loss
                 if distill is not None:
                     if teacher is None or teacher.scores is None:

@@ -62,6 +62,11 @@ class DataConfig:
     # At least 2: room for one token and EOS.
     query_max_length: int | None = bounded(None, ge=2)
     passage_max_length: int | None = bounded(None, ge=2)
+    # Conan's cross-rank balancing: InfoNCE (retrieval) batches are per_device_batch_size
+    # queries shared by every rank, each rank drawing its own share of the hard negatives
+    # (each query then meets ranks x (group_size - 1) of them); CoSENT (STS) batches keep
+    # distinct rows per rank, so they are ranks x larger.
+    balanced_ranks: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(self)

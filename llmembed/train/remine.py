@@ -103,9 +103,12 @@ class HardNegativeRefresher:
             parts = [torch.empty_like(seen) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, seen.contiguous())
             seen = torch.cat(parts)
-        for d, row, score in seen.tolist():
-            key = (int(d), int(row))
+        scores: dict[tuple[int, int], list[float]] = {}
+        for d, row, score in seen.tolist():  # with shared queries every rank scores its own negatives
+            scores.setdefault((int(d), int(row)), []).append(score)
+        for key, values in scores.items():
             if key[0] in self.corpora and self.datasets[key[0]].records[key[1]].negatives:
+                score = sum(values) / len(values)
                 self.initial.setdefault(key, score)
                 self.latest[key] = score
 

@@ -131,7 +131,7 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
                 raise ValueError(f"{where}: teacher_scores distils over hard negatives; it needs the infonce loss")
             teacher = teacher_scores(records, ds.teacher_scores, where)
         loaded.append(LoadedDataset(ds.name or Path(ds.path).stem, records, ds.instruction, ds.in_batch_negatives,
-                                    group, loss, teacher))
+                                    group, loss, teacher, shared_queries=config.data.balanced_ranks and loss == "infonce"))
     return loaded, report
 
 
@@ -277,7 +277,8 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         teacher = load_encoder(config.loss.teacher_model)
     collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,
                                    query_max_length=config.data.query_max_length,
-                                   passage_max_length=config.data.passage_max_length, teacher_encoder=teacher)
+                                   passage_max_length=config.data.passage_max_length, teacher_encoder=teacher,
+                                   rank=rank, world_size=world_size)
     sampler = HomogeneousBatchSampler(
         [len(d.records) for d in datasets],
         [ds.weight for ds in config.data.datasets],
@@ -285,6 +286,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         seed=opt.seed,
         rank=rank,
         world_size=world_size,
+        shared=[d.shared_queries for d in datasets],
     )
     # Before DeepSpeed starts, like every data check (a corpus too small for the rank window).
     refresher = HardNegativeRefresher(config.remine, datasets) if config.remine.enabled else None
