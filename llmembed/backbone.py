@@ -55,6 +55,10 @@ class BackboneConfig:
     bidirectional: bool = False
     quantization: str | None = None
     trust_remote_code: bool = False
+    # Dropout on attention probabilities while training (the config's attention_dropout, which
+    # Llama, Mistral, Qwen2/3 and Gemma2 read); a source of SimCSE's views for full fine-tuning.
+    # None keeps the checkpoint's value (0 for these families). Inactive in eval and serving.
+    attention_dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -65,6 +69,8 @@ class BackboneConfig:
             )
         if self.quantization not in QUANTIZATIONS:
             raise BackboneError(f"backbone.quantization: {self.quantization!r} is not one of {QUANTIZATIONS}")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise BackboneError(f"backbone.attention_dropout: must be in [0, 1), got {self.attention_dropout!r}")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -184,6 +190,8 @@ def load_backbone(config: BackboneConfig, path: str | None = None, **extra: Any)
     quant = _quantization_config(config.quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if config.attention_dropout is not None:
+        kwargs["attention_dropout"] = config.attention_dropout
     kwargs.update(extra)
     report_logger = logging.getLogger("transformers.modeling_utils")
     report_filter = _DropLmHeadReport()

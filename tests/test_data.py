@@ -11,7 +11,7 @@ from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
 from llmembed.data.readers import ReadReport
 from llmembed.data.sampling import BatchRef, HomogeneousBatchSampler
-from llmembed.data.schema import Record
+from llmembed.data.schema import Record, is_plain_text
 from llmembed.serving import ServingContract
 from llmembed.tokenization import EmbeddingTokenizer
 
@@ -36,6 +36,8 @@ def _write(path, lines):
     ({"query": "q", "positive": "p", "negatives": [1]}, "field 'negatives[0]'"),
     (b"\xff\xfe{}", "not valid UTF-8"),
     ("[1, 2]", "expected a JSON object"),
+    ({"text": " "}, "field 'text': empty text"),
+    ({"text": "t", "txet": "u"}, "field 'txet': unknown key for the text layout; did you mean 'text'?"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, bad, message):
     path = _write(tmp_path / "d.jsonl", [GOOD, GOOD, bad, GOOD])
@@ -54,8 +56,12 @@ def test_layouts_are_normalised(tmp_path):
         {"anchor": "b", "positive": "p", "negative": "n"},
         {"query": "c", "pos": ["p"], "neg": ["n1", "n2"]},
         {"query": "d", "positive": "p", "score": 4.5},
+        {"text": "an unlabelled sentence", "meta": {"source": "wiki"}},
     ])
-    a, b, c, d = read_jsonl(path)
+    a, b, c, d, e = read_jsonl(path)
+    assert (e.query, e.positives, e.negatives, e.meta) == ("an unlabelled sentence", ["an unlabelled sentence"], [],
+                                                           {"source": "wiki"})
+    assert is_plain_text(e) and not any(is_plain_text(r) for r in (a, b, c, d))
     assert (a.query, a.positives, a.negatives, a.instruction, a.task) == ("a", ["p1", "p2"], ["n"], "I", "t")
     assert (b.query, b.positives, b.negatives) == ("b", ["p"], ["n"])
     assert (c.query, c.positives, c.negatives) == ("c", ["p"], ["n1", "n2"])

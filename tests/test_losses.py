@@ -73,6 +73,31 @@ def test_choose_loss_once_per_dataset():
         choose_loss("triplet", [True], "d")
 
 
+def test_simcse_is_chosen_for_plain_text_and_refused_for_pairs():
+    assert choose_loss("auto", [False, False], "d", [True, True]) == "simcse"
+    assert choose_loss("auto", [False, False], "d", [True, False]) == "infonce"
+    with pytest.raises(ValueError, match="d: loss simcse trains on unlabelled text"):
+        choose_loss("simcse", [False], "d", [False])
+
+
+def test_simcse_loss_is_infonce_between_the_two_views_written_out():
+    """Gao et al.'s unsupervised SimCSE: view i of each text against every second view in the
+    batch, -log softmax at the diagonal, at simcse_temperature (symmetric: both directions)."""
+    from llmembed.data.collate import LoadedDataset
+
+    torch.manual_seed(9)
+    a, b = _unit(5, 8), _unit(5, 8)
+    for symmetric in (False, True):
+        router = LossRouter([LoadedDataset("wiki", [], None, True, 1, "simcse")],
+                            LossConfig(temperature=0.02, simcse_temperature=0.07, symmetric=symmetric))
+        forward = sum(-math.log(math.exp(float(a[i] @ b[i]) / 0.07)
+                                / sum(math.exp(float(a[i] @ b[j]) / 0.07) for j in range(5))) for i in range(5)) / 5
+        backward = sum(-math.log(math.exp(float(b[i] @ a[i]) / 0.07)
+                                 / sum(math.exp(float(b[i] @ a[j]) / 0.07) for j in range(5))) for i in range(5)) / 5
+        want = (forward + backward) / 2 if symmetric else forward
+        assert abs(router(0)(a, b).loss.item() - want) < 1e-5
+
+
 def test_router_binds_each_datasets_loss_and_settings():
     from llmembed.data.collate import LoadedDataset
 

@@ -159,3 +159,27 @@ def test_two_stages_chain_their_models_and_a_rerun_skips_finished_stages(tiny_di
     config.write_text(yaml.safe_dump(tree))
     bad = launch(config, launcher="python", check=False)
     assert bad.returncode == 2 and "stage other: train.init_from" in bad.stdout and "serves differently" in bad.stdout
+
+
+def test_simcse_trains_on_packaged_wikipedia_sentences_and_needs_dropout(tiny_dir, tmp_path):
+    """Unsupervised SimCSE on the Wikipedia sentences gensim ships: the dataset's loss is chosen
+    from its {"text"} records; with LoRA dropout the two views differ and training lowers the
+    loss; without any dropout the run is refused in one line before it starts."""
+    from llmembed.data.packaged import wikipedia_sentences
+
+    sentences = wikipedia_sentences()
+    assert len(sentences) > 10_000 and "Anarchism is a political philosophy" in sentences[0]
+    data = tmp_path / "sentences.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences[:256]))
+    config = write_config(tmp_path, tiny_dir, [data], model={"lora": {"r": 8, "dropout": 0.1}},
+                          train={"max_steps": 12, "lr": 3e-3, "per_device_batch_size": 16})
+    launch(config, launcher="python")
+    logged = metrics(tmp_path / "run")
+    losses = [m["loss"] for m in logged]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["datasets"][0]["loss"] == "auto"
+    refused = write_config(tmp_path / "run", tiny_dir, [data], model={"lora": {"r": 8, "dropout": 0.0}},
+                           train={"max_steps": 1}, checkpoint={"output_dir": str(tmp_path / "refused")})
+    run = launch(refused, launcher="python", check=False)
+    assert run.returncode == 2 and "trains SimCSE, whose two views differ only by dropout" in run.stdout
+    assert "Traceback" not in run.stdout

@@ -36,7 +36,7 @@ class LoadedDataset:
     instruction: str | None
     in_batch_negatives: bool
     group_size: int
-    loss: str  # "infonce" or "cosent", chosen once when the dataset is loaded
+    loss: str  # "infonce", "cosent" or "simcse", chosen once when the dataset is loaded
     # Per record: the teacher's score of its positive, then of each negative; a record without
     # negatives has None (its group borrows unscored negatives and sits out the distillation).
     # None for the whole list: no distillation.
@@ -134,9 +134,13 @@ class ContrastiveCollator:
     def __call__(self, ref: BatchRef) -> dict:
         ds = self.datasets[ref.dataset]
         records = [ds.records[i] for i in ref.indices]
-        instructions = [r.instruction or ds.instruction for r in records]
-        queries = self.text_tokenizer([r.query for r in records], instructions, is_query=True,
-                                      max_length=self.query_max_length)
+        if ds.loss == "simcse":  # two views of the same input, told apart by dropout alone
+            queries = self.text_tokenizer([r.query for r in records], is_query=False,
+                                          max_length=self.passage_max_length)
+        else:
+            instructions = [r.instruction or ds.instruction for r in records]
+            queries = self.text_tokenizer([r.query for r in records], instructions, is_query=True,
+                                          max_length=self.query_max_length)
         passages: list[str] = []
         teacher: list[list[float]] = []
         for row in ref.indices:

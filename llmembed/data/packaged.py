@@ -1,8 +1,12 @@
-"""Real labelled data that ships inside PyPI packages, converted to the record schema.
+"""Real data that ships inside PyPI packages, converted to the record schema.
 
 No download at run time: ``chatterbot-corpus`` carries question/answer YAML files (English:
 ~2,000 pairs over 21 topics). ``python -m llmembed.data.packaged chatterbot --out DIR``
 writes ``train.jsonl`` and ``heldout.jsonl`` (a deterministic split by question).
+
+Unlabelled text for unsupervised stages (SimCSE, MNTP): gensim's test data holds a shortened
+English Wikipedia dump (206 articles); ``python -m llmembed.data.packaged wiki --out DIR``
+writes its prose sentences as ``{"text": ...}`` records to ``sentences.jsonl``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,34 @@ def chatterbot_pairs(language: str = "english", exclude: tuple[str, ...] = ("tec
     return records
 
 
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def wikipedia_sentences(min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Prose sentences of the Wikipedia excerpt in gensim's test data, in article order, each
+    once: wiki markup stripped by gensim's own parser, lists, tables and headings left out."""
+    import bz2
+    import re
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("needs the PyPI package 'gensim' (its test data holds the Wikipedia excerpt)")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    dump = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / WIKI_DUMP
+    sentences: dict[str, None] = {}
+    with bz2.open(dump) as handle:
+        for _, text, _ in extract_pages(handle, filter_namespaces=("0",)):
+            for paragraph in filter_wiki(text).split("\n"):
+                paragraph = paragraph.replace("'''", "").replace("''", "").strip()
+                if len(paragraph) < 2 * min_chars or paragraph.startswith(("*", "|", "{", "!", "=", "#", ":")):
+                    continue
+                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph):
+                    if min_chars <= len(sentence.strip()) <= max_chars:
+                        sentences[sentence.strip()] = None
+    return list(sentences)
+
+
 def split(records: list[dict], heldout_share: float = 0.2) -> tuple[list[dict], list[dict]]:
     """Deterministic split by a hash of the question."""
     train, heldout = [], []
@@ -60,11 +92,24 @@ def split(records: list[dict], heldout_share: float = 0.2) -> tuple[list[dict], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmembed.data.packaged", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", choices=["chatterbot"])
+    parser.add_argument("source", choices=["chatterbot", "wiki"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--language", default="english")
     parser.add_argument("--heldout-share", type=float_in(0.0, 0.9, low_open=True), default=0.2)
     args = parser.parse_args(argv)
+    if args.source == "wiki":
+        try:
+            sentences = wikipedia_sentences()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "sentences.jsonl", "w", encoding="utf-8") as f:
+            for text in sentences:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(sentences)} sentences to {out / 'sentences.jsonl'}")
+        return 0
     try:
         folder = chatterbot_dir(args.language)
         if not folder.is_dir():

@@ -6,8 +6,10 @@ Canonical form (one JSON object per line)::
      "task": str, "score": float | null, "meta": {...}}
 
 Also accepted, because public datasets ship them: ``anchor/positive/negative`` (negative a
-string or a list) and ``query/pos/neg`` (lists). Every problem is reported with the field
-name; readers add the file and line.
+string or a list) and ``query/pos/neg`` (lists). Unlabelled text for unsupervised stages
+(SimCSE) is ``{"text": str}``: a record whose query and only positive are that text (see
+:func:`is_plain_text`). Every problem is reported with the field name; readers add the file
+and line.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _texts(value: Any, name: str, allow_empty: bool) -> list[str]:
     return out
 
 
-def _check_keys(obj: dict, layout: tuple[str, str, str]) -> None:
+def _check_keys(obj: dict, layout: tuple[str, ...]) -> None:
     """A key the layout does not read would be lost without a word (``negative`` beside
     ``query``/``positive`` drops every hard negative): name it, with the likely intended key."""
     allowed = set(layout) | set(_COMMON)
@@ -91,11 +93,24 @@ def _check_keys(obj: dict, layout: tuple[str, str, str]) -> None:
                         "(data.ignore_unknown_keys: true skips unknown keys)")
 
 
+def is_plain_text(record: Record) -> bool:
+    """A ``{"text": ...}`` record: one text, its own positive, nothing else."""
+    return record.positives == [record.query] and not record.negatives and record.score is None
+
+
 def parse_record(obj: Any, ignore_unknown_keys: bool = False) -> Record:
     """Validate one decoded JSON value and return a :class:`Record`. Keys the record's layout
     does not read are an error unless ``ignore_unknown_keys``."""
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+    if "text" in obj and not any(k in obj for k in ("query", "anchor", "positive", "pos")):
+        if not ignore_unknown_keys:
+            _check_keys(obj, ("text",))
+        text = _text(obj["text"], "text")
+        meta = obj.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise DataError(f"field 'meta': expected an object, got {type(meta).__name__}")
+        return Record(text, [text], meta=meta)
     layout = next((l for l in _LAYOUTS if l[0] in obj and l[1] in obj), None)
     if layout is None:
         if "query" not in obj and "anchor" not in obj:

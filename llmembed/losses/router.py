@@ -26,7 +26,7 @@ from llmembed.losses.infonce import InfoNCELoss, LossOutput
 if TYPE_CHECKING:  # pragma: no cover
     from llmembed.data.collate import LoadedDataset
 
-LOSS_NAMES = ("infonce", "cosent")
+LOSS_NAMES = ("infonce", "cosent", "simcse")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class LossConfig:
     # "mse": the cosines themselves (Jasper); "kl": each query's distribution over the batch's
     # passages at temperature / teacher_temperature (listwise over in-batch candidates).
     structure_kind: str = "mse"
+    # SimCSE datasets (unlabelled text, two dropout views): Gao et al. use 0.05.
+    simcse_temperature: float = bounded(0.05, gt=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -70,18 +72,24 @@ class TeacherSignals:
     similarity: torch.Tensor | None = None
 
 
-def choose_loss(requested: str, scored: Sequence[bool], where: str) -> str:
-    """The loss for a dataset whose records carry a score where ``scored`` is true.
+def choose_loss(requested: str, scored: Sequence[bool], where: str, plain_text: Sequence[bool] = ()) -> str:
+    """The loss for a dataset whose records carry a score where ``scored`` is true and are
+    plain ``{"text"}`` records where ``plain_text`` is.
 
     ``auto`` picks CoSENT only when every record is scored: a partly scored set cannot be
-    ranked as a whole, and InfoNCE ignores scores. ``where`` names the dataset in errors.
+    ranked as a whole, and InfoNCE ignores scores; SimCSE when every record is plain text.
+    ``where`` names the dataset in errors.
     """
     if requested == "auto":
+        if plain_text and all(plain_text):
+            return "simcse"
         return "cosent" if scored and all(scored) else "infonce"
     if requested not in LOSS_NAMES:
         raise ValueError(f"{where}: unknown loss {requested!r}; choose auto or one of {LOSS_NAMES}")
     if requested == "cosent" and not all(scored):
         raise ValueError(f"{where}: loss cosent needs a score on every record")
+    if requested == "simcse" and not (plain_text and all(plain_text)):
+        raise ValueError(f"{where}: loss simcse trains on unlabelled text: every record must be {{\"text\": ...}}")
     return requested
 
 
@@ -99,6 +107,9 @@ class LossRouter:
         self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
                                    config.false_negative_margin)
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
+        # SimCSE is InfoNCE between two dropout views (no margin masking: a view is never a
+        # false negative of another text's view more than of its own).
+        self.simcse = InfoNCELoss(config.simcse_temperature, config.symmetric, config.cross_device_negatives)
         self.distill = KLDistillLoss(config.temperature, config.teacher_temperature)
         self.distill_weight = config.distill_weight
         self.structure = (SimilarityStructureLoss(config.structure_kind, config.temperature, config.teacher_temperature)
@@ -128,6 +139,14 @@ class LossRouter:
                 return LossOutput(loss, out.accuracy, out.masked)
 
             return run_infonce
+        if ds.loss == "simcse":
+            simcse = self.simcse
+
+            def run_simcse(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                           teacher: TeacherSignals | None = None) -> LossOutput:
+                return simcse(queries, passages, 1, True)
+
+            return run_simcse
         if ds.loss == "cosent":
             cosent, name = self.cosent, ds.name
 

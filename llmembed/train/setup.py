@@ -25,6 +25,7 @@ import torch
 from llmembed.backbone import resolve_dtype
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset, teacher_scores
 from llmembed.data.readers import ReadReport, read_jsonl
+from llmembed.data.schema import is_plain_text
 from llmembed.data.sampling import HomogeneousBatchSampler
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel
@@ -122,9 +123,10 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
                              ignore_unknown_keys=config.data.ignore_unknown_keys)
         if not records:
             raise ValueError(f"{where} has no valid records")
-        loss = choose_loss(ds.loss, [r.score is not None for r in records], where)
-        # CoSENT compares (query, positive) pairs: no hard negatives in a group.
-        group = 1 if loss == "cosent" else (ds.group_size or config.data.group_size)
+        loss = choose_loss(ds.loss, [r.score is not None for r in records], where,
+                           [is_plain_text(r) for r in records])
+        # CoSENT compares (query, positive) pairs and SimCSE two views of a text: no hard negatives.
+        group = 1 if loss in ("cosent", "simcse") else (ds.group_size or config.data.group_size)
         teacher = None
         if ds.teacher_scores is not None:
             if loss != "infonce":
@@ -155,6 +157,14 @@ def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[Embeddi
 
         load_start_weights(model, config.train.init_from)
     return model, hf_ds
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training-mode forwards are random: a dropout layer (LoRA's among them) or
+    attention dropout in the backbone's config."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    return any(float(getattr(getattr(m, "config", None), "attention_dropout", 0) or 0) > 0 for m in model.modules())
 
 
 def _scheduler_factory(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
@@ -269,6 +279,10 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         print(f"skipped {report.skipped_total} invalid record(s): {dict(report.skipped)}")
     ds_config = build_ds_config(config, world_size, resolve_dtype(config.model.backbone.dtype) == torch.bfloat16)
     model, hf_ds = build_model(config, ds_config)
+    simcse = [d.name for d in datasets if d.loss == "simcse"]
+    if simcse and not has_dropout(model):
+        raise ValueError(f"dataset {simcse[0]} trains SimCSE, whose two views differ only by dropout, and the model "
+                         "has none: set model.lora.dropout (e.g. 0.1) or model.backbone.attention_dropout")
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
     teacher = None
     if config.loss.structure_weight > 0:
