@@ -260,6 +260,11 @@ class EmbeddingModel(nn.Module):
         return self.text_tokenizer(texts, instruction, is_query=is_query, max_length=max_length)
 
     # ------------------------------------------------------------------ forward / encode
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states, one per token (what pooling and MNTP read)."""
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -267,8 +272,7 @@ class EmbeddingModel(nn.Module):
         prompt_lengths: torch.Tensor | None = None,
         normalize: bool | None = None,
     ) -> torch.Tensor:
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        hidden = self.token_states(input_ids, attention_mask)
         embeddings = self.pooling(hidden, attention_mask, prompt_lengths)
         if self.contract.output_dim is not None:
             embeddings = embeddings[:, : self.contract.output_dim]

@@ -46,6 +46,16 @@ class LoadedDataset:
     shared_queries: bool = False
 
 
+@dataclass
+class MNTPMasking:
+    """How MNTP datasets mask their texts (see :mod:`llmembed.losses.mntp`)."""
+
+    mask_id: int
+    vocab_size: int
+    probability: float
+    special_ids: set[int]
+
+
 TEACHER_KEYS = {"embedding": ("positive_score", "negative_scores"),
                 "reranker": ("reranker_positive_score", "reranker_negative_scores")}
 
@@ -81,7 +91,8 @@ def teacher_scores(records: list[Record], source: str, where: str) -> list[list[
 class ContrastiveCollator:
     def __init__(self, text_tokenizer: EmbeddingTokenizer, datasets: list[LoadedDataset], seed: int = 0,
                  query_max_length: int | None = None, passage_max_length: int | None = None,
-                 teacher_encoder=None, rank: int = 0, world_size: int = 1) -> None:
+                 teacher_encoder=None, rank: int = 0, world_size: int = 1,
+                 mntp_masking: MNTPMasking | None = None) -> None:
         """``teacher_encoder`` (a :class:`llmembed.encoders.TextEncoder`): adds the teacher's
         query x passage cosines of every InfoNCE batch, computed on the raw texts."""
         serving = text_tokenizer.contract.max_length
@@ -102,6 +113,7 @@ class ContrastiveCollator:
         self.passage_max_length = passage_max_length or serving
         self.teacher_encoder = teacher_encoder
         self.rank, self.world_size = rank, world_size
+        self.mntp_masking = mntp_masking
 
     def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str], list[int] | None]:
         """The positive, the negatives, and the negatives' indices in the record (None when
@@ -131,9 +143,24 @@ class ContrastiveCollator:
                 negatives.append(pool[int(rng.integers(len(pool)))])
         return positive, negatives, None
 
+    def _masked(self, ref: BatchRef, texts: list[str]) -> dict:
+        """An MNTP batch: the texts as passages, masked, with their labels."""
+        from llmembed.losses.mntp import mask_tokens
+
+        m = self.mntp_masking
+        if m is None:
+            raise ValueError(f"dataset {self.datasets[ref.dataset].name}: an MNTP batch needs the collator's mntp_masking")
+        inputs = self.text_tokenizer(texts, is_query=False, max_length=self.passage_max_length)
+        rngs = [np.random.default_rng([self.seed, ref.epoch, ref.dataset, row, 2]) for row in ref.indices]
+        inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"], m.special_ids,
+                                                  m.mask_id, m.vocab_size, m.probability, rngs)
+        return {"query": inputs, "labels": labels, "dataset": ref.dataset}
+
     def __call__(self, ref: BatchRef) -> dict:
         ds = self.datasets[ref.dataset]
         records = [ds.records[i] for i in ref.indices]
+        if ds.loss == "mntp":
+            return self._masked(ref, [r.query for r in records])
         if ds.loss == "simcse":  # two views of the same input, told apart by dropout alone
             queries = self.text_tokenizer([r.query for r in records], is_query=False,
                                           max_length=self.passage_max_length)

@@ -26,7 +26,9 @@ from llmembed.losses.infonce import InfoNCELoss, LossOutput
 if TYPE_CHECKING:  # pragma: no cover
     from llmembed.data.collate import LoadedDataset
 
-LOSS_NAMES = ("infonce", "cosent", "simcse")
+LOSS_NAMES = ("infonce", "cosent", "simcse", "mntp")
+# Losses of unlabelled {"text"} records.
+TEXT_LOSSES = ("simcse", "mntp")
 
 
 @dataclass
@@ -53,6 +55,10 @@ class LossConfig:
     structure_kind: str = "mse"
     # SimCSE datasets (unlabelled text, two dropout views): Gao et al. use 0.05.
     simcse_temperature: float = bounded(0.05, gt=0.0)
+    # MNTP datasets (LLM2Vec): share of eligible tokens masked, and the mask token for
+    # tokenizers without one (LLM2Vec uses "_" for Llama and Mistral).
+    mntp_probability: float = bounded(0.2, gt=0.0, lt=1.0)
+    mntp_mask_token: str = "_"
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -88,8 +94,8 @@ def choose_loss(requested: str, scored: Sequence[bool], where: str, plain_text: 
         raise ValueError(f"{where}: unknown loss {requested!r}; choose auto or one of {LOSS_NAMES}")
     if requested == "cosent" and not all(scored):
         raise ValueError(f"{where}: loss cosent needs a score on every record")
-    if requested == "simcse" and not (plain_text and all(plain_text)):
-        raise ValueError(f"{where}: loss simcse trains on unlabelled text: every record must be {{\"text\": ...}}")
+    if requested in TEXT_LOSSES and not (plain_text and all(plain_text)):
+        raise ValueError(f"{where}: loss {requested} trains on unlabelled text: every record must be {{\"text\": ...}}")
     return requested
 
 
@@ -139,6 +145,15 @@ class LossRouter:
                 return LossOutput(loss, out.accuracy, out.masked)
 
             return run_infonce
+        if ds.loss == "mntp":
+            name = ds.name
+
+            def run_mntp(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                         teacher: TeacherSignals | None = None) -> LossOutput:
+                raise ValueError(f"dataset {name}: MNTP is a token-level loss, scored in the encoder's forward "
+                                 "(PairEncoder with an MNTP head), not on embeddings")
+
+            return run_mntp
         if ds.loss == "simcse":
             simcse = self.simcse
 

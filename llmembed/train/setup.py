@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmembed.backbone import resolve_dtype
-from llmembed.data.collate import ContrastiveCollator, LoadedDataset, teacher_scores
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset, MNTPMasking, teacher_scores
 from llmembed.data.readers import ReadReport, read_jsonl
 from llmembed.data.schema import is_plain_text
 from llmembed.data.sampling import HomogeneousBatchSampler
@@ -126,7 +126,7 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
         loss = choose_loss(ds.loss, [r.score is not None for r in records], where,
                            [is_plain_text(r) for r in records])
         # CoSENT compares (query, positive) pairs and SimCSE two views of a text: no hard negatives.
-        group = 1 if loss in ("cosent", "simcse") else (ds.group_size or config.data.group_size)
+        group = 1 if loss in ("cosent", "simcse", "mntp") else (ds.group_size or config.data.group_size)
         teacher = None
         if ds.teacher_scores is not None:
             if loss != "infonce":
@@ -159,6 +159,29 @@ def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[Embeddi
     return model, hf_ds
 
 
+def mntp_parts(config: TrainConfig, datasets: list[LoadedDataset], model: EmbeddingModel,
+               ds_config: dict[str, Any]) -> tuple[torch.nn.Module | None, MNTPMasking | None]:
+    """The MNTP head and masking settings when a dataset trains MNTP (else None, None), after
+    the checks that make it meaningful: bidirectional attention, whole weights (ZeRO-2)."""
+    names = [d.name for d in datasets if d.loss == "mntp"]
+    if not names:
+        return None, None
+    from llmembed.backbone import resolve_backbone_path
+    from llmembed.losses.mntp import MNTPHead, mask_token_id, output_embeddings
+
+    if not model.bidirectional:
+        raise ValueError(f"dataset {names[0]} trains MNTP, which adapts a model to bidirectional attention: set "
+                         "model.backbone.bidirectional: true")
+    if zero_stage(ds_config) == 3:
+        raise ValueError(f"dataset {names[0]} trains MNTP, which reads the whole output embeddings: use "
+                         "train.deepspeed=zero2")
+    head = MNTPHead(output_embeddings(model.base_model, resolve_backbone_path(config.model.backbone.name_or_path)))
+    tokenizer = model.tokenizer
+    masking = MNTPMasking(mask_token_id(tokenizer, config.loss.mntp_mask_token), len(tokenizer),
+                          config.loss.mntp_probability, set(tokenizer.all_special_ids))
+    return head, masking
+
+
 def has_dropout(model: torch.nn.Module) -> bool:
     """Whether training-mode forwards are random: a dropout layer (LoRA's among them) or
     attention dropout in the backbone's config."""
@@ -181,14 +204,14 @@ def _scheduler_factory(config: TrainConfig, total_steps: int) -> Callable[[torch
 
 
 def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dict[str, Any],
-                      total_steps: int) -> tuple[Any, Any]:
+                      total_steps: int, mntp_head: torch.nn.Module | None = None) -> tuple[Any, Any]:
     """``deepspeed.initialize`` on the pair encoder; returns (engine, LR scheduler)."""
     import deepspeed
 
     from llmembed.train.safe_load import use_weights_only_loading
 
     opt = config.train
-    wrapper = PairEncoder(model, config.train.length_buckets)
+    wrapper = PairEncoder(model, config.train.length_buckets, mntp_head)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters")
@@ -283,6 +306,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     if simcse and not has_dropout(model):
         raise ValueError(f"dataset {simcse[0]} trains SimCSE, whose two views differ only by dropout, and the model "
                          "has none: set model.lora.dropout (e.g. 0.1) or model.backbone.attention_dropout")
+    mntp_head, masking = mntp_parts(config, datasets, model, ds_config)
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
     teacher = None
     if config.loss.structure_weight > 0:
@@ -292,7 +316,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,
                                    query_max_length=config.data.query_max_length,
                                    passage_max_length=config.data.passage_max_length, teacher_encoder=teacher,
-                                   rank=rank, world_size=world_size)
+                                   rank=rank, world_size=world_size, mntp_masking=masking)
     sampler = HomogeneousBatchSampler(
         [len(d.records) for d in datasets],
         [ds.weight for ds in config.data.datasets],
@@ -306,7 +330,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     refresher = HardNegativeRefresher(config.remine, datasets) if config.remine.enabled else None
     accum = opt.gradient_accumulation_steps
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * sampler.steps_per_epoch / accum))
-    engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
+    engine, scheduler = initialize_engine(model, config, ds_config, total_steps, mntp_head)
     checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
     start_step = resume_step(engine, checkpoints, resume, rank)
     if refresher is not None and start_step > 0:

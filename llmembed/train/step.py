@@ -19,6 +19,7 @@ from torch import nn
 
 from llmembed.data.sampling import BatchRef
 from llmembed.distributed import all_reduce_mean
+from llmembed.losses.infonce import LossOutput
 from llmembed.losses.router import LossRouter, TeacherSignals
 from llmembed.model import EmbeddingModel
 
@@ -64,14 +65,24 @@ class PairEncoder(nn.Module):
     similar length (see :func:`length_buckets`); the embeddings come back in batch order.
     ``processed_tokens`` counts the padded tokens the passes really ran."""
 
-    def __init__(self, model: EmbeddingModel, length_buckets: int = 1) -> None:
+    def __init__(self, model: EmbeddingModel, length_buckets: int = 1, mntp_head: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.length_buckets = length_buckets
+        self.mntp_head = mntp_head
         self.processed_tokens = 0
 
-    def forward(self, query: dict, passage: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query: dict, passage: dict | None = None,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query embeddings, passage embeddings); for an MNTP batch (``labels`` given, no
+        passages) the masked-token (loss, accuracy) of the query texts instead."""
         self.processed_tokens = 0
+        if labels is not None:
+            if self.mntp_head is None:
+                raise ValueError("an MNTP batch came to an encoder built without an MNTP head")
+            self.processed_tokens = query["attention_mask"].numel()
+            hidden = self.model.token_states(query["input_ids"], query["attention_mask"])
+            return self.mntp_head(hidden, labels)
         return self._encode(query), self._encode(passage)
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -136,15 +147,21 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
     for _ in range(accumulation):
         ref = next(batches)
         batch = collate(ref)
-        query, passage = _to(batch["query"], device), _to(batch["passage"], device)
-        q, p = engine(query, passage)
-        scores = batch["scores"].to(device) if "scores" in batch else None
-        teacher = None
-        if "teacher_scores" in batch or "teacher_similarity" in batch:
-            teacher = TeacherSignals(*(batch[k].to(device) if k in batch else None
-                                       for k in ("teacher_scores", "teacher_similarity")))
-        out = losses(batch["dataset"])(q, p, scores, teacher)
-        seen.append(negative_scores(ref, q, p))
+        query = _to(batch["query"], device)
+        if "labels" in batch:  # MNTP: a token-level loss, computed in the encoder's forward
+            out = LossOutput(*engine(query, None, batch["labels"].to(device)))
+            real += int(query["attention_mask"].sum())
+        else:
+            passage = _to(batch["passage"], device)
+            q, p = engine(query, passage)
+            scores = batch["scores"].to(device) if "scores" in batch else None
+            teacher = None
+            if "teacher_scores" in batch or "teacher_similarity" in batch:
+                teacher = TeacherSignals(*(batch[k].to(device) if k in batch else None
+                                           for k in ("teacher_scores", "teacher_similarity")))
+            out = losses(batch["dataset"])(q, p, scores, teacher)
+            seen.append(negative_scores(ref, q, p))
+            real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.detach() / accumulation
@@ -152,9 +169,9 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         masked += out.masked
         samples += query["input_ids"].shape[0]
         padded += engine.module.processed_tokens
-        real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
     # One all-reduce for both means (a collective every rank reaches at the same step).
     loss, accuracy = all_reduce_mean(torch.stack([loss_sum, accuracy_sum])).tolist()
     grad_norm = engine.get_global_grad_norm()
     return StepStats(loss, accuracy, float(grad_norm) if grad_norm is not None else float("nan"),
-                     samples, padded, real, masked, torch.cat(seen))
+                     samples, padded, real, masked,
+                     torch.cat(seen) if seen else torch.zeros(0, 3, dtype=torch.float64))
