@@ -138,6 +138,7 @@ def test_two_stages_chain_their_models_and_a_rerun_skips_finished_stages(tiny_di
     data = write_pairs(tmp_path / "pairs.jsonl", 40)
     config = write_config(tmp_path, tiny_dir, [data], train={"max_steps": 3, "lr": 5e-3},
                           model={"pooling": {"kind": "mean"}})
+    tree = yaml.safe_load(config.read_text())
     tree["stages"] = [{"name": "weak", "data": {"group_size": 1}},
                       {"name": "hard", "train": {"lr": 1e-12, "max_steps": 1, "warmup_steps": 0}}]
     config.write_text(yaml.safe_dump(tree))
