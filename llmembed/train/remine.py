@@ -12,8 +12,7 @@ Here the scores come for free from the training batches (the query's cosine with
 negatives, gathered over ranks), so every rank holds the same table. Every ``remine.every``
 steps the stale records are re-mined by :func:`llmembed.mine.mine` (faiss, rank window,
 positive-aware rule) with the in-memory model over the dataset's own texts or a given corpus;
-each rank runs the same search, like the in-training evaluation (under ZeRO-3 a forward is
-collective). A re-mined record starts its score history afresh. Re-mined negatives have no
+the ranks share the encoding (each an equal slice, gathered) and then run the same search. A re-mined record starts its score history afresh. Re-mined negatives have no
 teacher scores: with ``teacher_scores`` distillation their rows sit it out.
 
 The table and the replaced negatives are part of every checkpoint (``remine_state.json``), so
@@ -25,8 +24,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from llmembed.config import bounded, check_ranges
@@ -62,6 +62,38 @@ class RemineConfig:
     @property
     def enabled(self) -> bool:
         return self.every > 0
+
+
+class RankShardedEncoder:
+    """A :class:`~llmembed.encoders.TextEncoder` whose work is split over the ranks: each encodes
+    an equal slice of the texts (the last one padded, so every rank runs as many forwards,
+    which ZeRO-3 needs) and the vectors are gathered, so every rank gets them all."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name, self.fingerprint = inner.name, inner.fingerprint
+
+    def encode_passages(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        return self._sharded(list(texts), [None] * len(texts), lambda t, _: self.inner.encode_passages(t))
+
+    def encode_queries(self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None,
+                       progress: bool = False) -> np.ndarray:
+        instructions = list(instruction) if isinstance(instruction, (list, tuple)) else [instruction] * len(texts)
+        return self._sharded(list(texts), instructions, self.inner.encode_queries)
+
+    def _sharded(self, texts: list[str], extra: list, encode: Callable[[list[str], list], np.ndarray]) -> np.ndarray:
+        import torch.distributed as dist
+
+        size = dist.get_world_size() if dist.is_initialized() else 1
+        if size == 1 or not texts:
+            return encode(texts, extra)
+        share = -(-len(texts) // size)
+        rank = dist.get_rank()
+        rows = [min(i, len(texts) - 1) for i in range(rank * share, (rank + 1) * share)]
+        mine = torch.from_numpy(np.ascontiguousarray(encode([texts[i] for i in rows], [extra[i] for i in rows])))
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine)
+        return torch.cat(parts)[: len(texts)].numpy()
 
 
 def eligible(ds: LoadedDataset) -> bool:
@@ -139,7 +171,8 @@ class HardNegativeRefresher:
                     records = [ds.records[r] for r in rows]
                     settings = MineSettings(c.rank_start, c.rank_end, max(len(r.negatives) for r in records),
                                             c.positive_ratio, instruction=ds.instruction)
-                    mined, _ = mine(records, self.corpora[d], TextEncoder.of(model, f"step-{step}"), settings)
+                    encoder = RankShardedEncoder(TextEncoder.of(model, f"step-{step}"))
+                    mined, _ = mine(records, self.corpora[d], encoder, settings)
                     for row, record in zip(rows, mined):
                         self.initial.pop((d, row), None)  # its new negatives start a new history
                         self.latest.pop((d, row), None)
