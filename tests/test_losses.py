@@ -157,6 +157,36 @@ def test_false_negative_masking_removes_exactly_the_planted_negative():
     assert unmasked.masked == 0 and unmasked.loss > out.loss
 
 
+def test_guided_masking_removes_what_the_teacher_ranks_above_the_positive():
+    """GISTEmbed: the student sees nothing suspicious (no margin set), the teacher scores query
+    1's hard negative (column 3) above its positive: exactly that column leaves row 1, and the
+    loss is the hand-written softmax without it. The router passes the teacher's vectors."""
+    from llmembed.data.collate import LoadedDataset
+
+    q, p = _planted()
+    b = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(4)))[0].T
+    guide_q = torch.stack([b[0], b[1], b[2]])
+    guide_p = torch.stack([b[0], b[4], 0.5 * b[1] + 0.75**0.5 * b[5], 0.9 * b[1] + 0.19**0.5 * b[6],
+                           b[2], b[7]])
+    out = InfoNCELoss(temperature=0.05)(q, p, group_size=2, guide=(guide_q, guide_p))
+    assert out.masked == 1
+    logits = (q @ p.T) / 0.05
+    kept1 = [0, 1, 2, 4, 5]
+    manual = (-torch.log_softmax(logits[0], 0)[0] - torch.log_softmax(logits[1, kept1], 0)[2]
+              - torch.log_softmax(logits[2], 0)[4]) / 3
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    # Symmetric: passage 2 (query 1's positive) -> queries: the teacher puts no query above
+    # query 1 for it, so the reverse direction masks nothing more.
+    both = InfoNCELoss(temperature=0.05, symmetric=True)(q, p, group_size=2, guide=(guide_q, guide_p))
+    assert both.masked == 1
+    router = LossRouter([LoadedDataset("d", [], None, True, 2, "infonce")],
+                        LossConfig(temperature=0.05, teacher_model="t", guided_masking=True))
+    routed = router(0)(q, p, None, TeacherSignals(query=guide_q, passage=guide_p))
+    assert routed.masked == 1 and torch.allclose(routed.loss, manual, atol=1e-6)
+    with pytest.raises(ValueError, match="guided_masking needs teacher_model"):
+        LossConfig(guided_masking=True)
+
+
 def test_false_negative_masking_in_the_reverse_direction_and_within_groups_only():
     q, p = _planted()
     both = InfoNCELoss(temperature=0.05, symmetric=True, false_negative_margin=0.1)(q, p, group_size=2)

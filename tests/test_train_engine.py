@@ -97,18 +97,25 @@ def test_cross_device_negatives_equal_one_big_batch(tiny_dir, tmp_path):
 def test_balanced_ranks_equal_one_process_holding_every_ranks_negatives(tiny_dir, tmp_path):
     """Conan's cross-rank balancing: 2 processes sharing 4 queries, each drawing its own one of
     every record's 2 hard negatives (group 2), give step by step the loss and gradient norm of
-    one process with the same 4 queries and both negatives in each group (group 3)."""
+    one process with the same 4 queries and both negatives in each group (group 3), with the
+    same candidates masked by a teacher's guide."""
+    from llmembed.encoders import reference_model_dir
+
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(32):
             t = TOPICS[i % len(TOPICS)]
             f.write(json.dumps({"query": f"tell me about the {t} number {i}",
                                 "positive": f"This passage describes the {t} in detail, item {i}.",
-                                "negatives": [f"A passage about a {TOPICS[(i + 3) % 16]}, item {i}.",
+                                # Even records get a planted false negative: their query, nearly verbatim.
+                                "negatives": [f"Tell me about the {t}, number {i}." if i % 2 == 0 else
+                                              f"A passage about a {TOPICS[(i + 3) % 16]}, item {i}.",
                                               f"Unrelated text on {TOPICS[(i + 5) % 16]}, number {i}."]}) + "\n")
     runs = {}
     for name, procs, group in (("balanced", 2, 2), ("one", 1, 3)):
         (tmp_path / name).mkdir()
-        config = write_config(tmp_path / name, tiny_dir, [tmp_path / "pairs.jsonl"], loss={"symmetric": True},
+        # GISTEmbed's guide on: the teacher's vectors follow the same gathered layout.
+        loss = {"symmetric": True, "teacher_model": str(reference_model_dir()), "guided_masking": True}
+        config = write_config(tmp_path / name, tiny_dir, [tmp_path / "pairs.jsonl"], loss=loss,
                               data={"group_size": group, "balanced_ranks": True}, train={"max_steps": 4})
         launch(config, procs=procs)
         runs[name] = metrics(tmp_path / name / "run")
@@ -116,6 +123,8 @@ def test_balanced_ranks_equal_one_process_holding_every_ranks_negatives(tiny_dir
     for a, b in zip(runs["balanced"], runs["one"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (runs["balanced"], runs["one"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"])
+        assert a["masked_negatives"] == b["masked_negatives"]
+    assert sum(m["masked_negatives"] for m in runs["one"]) > 0
 
 
 def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):

@@ -94,7 +94,8 @@ class ContrastiveCollator:
                  teacher_encoder=None, rank: int = 0, world_size: int = 1,
                  mntp_masking: MNTPMasking | None = None) -> None:
         """``teacher_encoder`` (a :class:`llmembed.encoders.TextEncoder`): adds the teacher's
-        query x passage cosines of every InfoNCE batch, computed on the raw texts."""
+        normalised vectors of every InfoNCE batch's raw texts (``teacher_query``,
+        ``teacher_passage``), for structure distillation and guided masking."""
         serving = text_tokenizer.contract.max_length
         for name, value in (("query_max_length", query_max_length), ("passage_max_length", passage_max_length)):
             if value is not None and not 2 <= value <= serving:
@@ -187,7 +188,7 @@ class ContrastiveCollator:
         if self.teacher_encoder is not None and ds.loss == "infonce":
             q = self.teacher_encoder.encode_queries([r.query for r in records])
             p = self.teacher_encoder.encode_passages(passages)
-            batch["teacher_similarity"] = torch.from_numpy(q @ p.T)
+            batch["teacher_query"], batch["teacher_passage"] = torch.from_numpy(q), torch.from_numpy(p)
         if all(r.score is not None for r in records):
             batch["scores"] = torch.tensor([r.score for r in records], dtype=torch.float32)
         return batch

@@ -15,6 +15,9 @@ with the query exceeds the positive's by more than the margin is most likely an 
 positive (a duplicate answer, a paraphrase); it leaves the softmax's denominator instead of
 being pushed away. This is the in-loss counterpart of mining's positive-aware rule, in the
 spirit of GISTEmbed (Solatorio, 2024, arXiv 2402.16829), with the student as its own guide.
+With a ``guide`` (an embedding teacher's vectors of the same texts, ``loss.guided_masking``)
+GISTEmbed's own rule applies as well: a candidate the teacher scores above the query's
+positive leaves the denominator.
 
 Cross-rank balancing (``shared_queries``, Conan-embedding, Li et al., 2024, arXiv 2408.15710):
 instead of each rank bringing its own queries, all ranks hold the same queries and positives
@@ -49,33 +52,49 @@ class InfoNCELoss:
         self.cross_device = cross_device
         self.false_negative_margin = false_negative_margin
 
-    def _logits(self, cosines: torch.Tensor, labels: torch.Tensor,
-                competing: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def _logits(self, cosines: torch.Tensor, labels: torch.Tensor, competing: torch.Tensor | None,
+                guide: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Temperature-scaled logits where only ``competing`` columns (all when None) face
-        the label, false negatives masked out; and how many competing columns were masked."""
+        the label, false negatives masked out; and how many competing columns were masked.
+        ``guide``: a teacher's cosines of the same pairs; a column it scores above the label's
+        column is masked too (GISTEmbed)."""
         excluded = torch.zeros_like(cosines, dtype=torch.bool) if competing is None else ~competing
         masked = 0
-        if self.false_negative_margin is not None:
+        if self.false_negative_margin is not None or guide is not None:
             with torch.no_grad():
-                positive = cosines.gather(1, labels.unsqueeze(1))
-                suspect = (cosines > positive + self.false_negative_margin) & ~excluded
+                suspect = torch.zeros_like(excluded)
+                if self.false_negative_margin is not None:
+                    positive = cosines.gather(1, labels.unsqueeze(1))
+                    suspect |= cosines > positive + self.false_negative_margin
+                if guide is not None:
+                    guide = guide.to(cosines.device)
+                    suspect |= guide > guide.gather(1, labels.unsqueeze(1))
+                suspect &= ~excluded
                 suspect[torch.arange(len(labels), device=labels.device), labels] = False
             masked = int(suspect.sum())
             excluded = excluded | suspect
         return (cosines / self.temperature).masked_fill(excluded, float("-inf")), masked
 
     def __call__(self, queries: torch.Tensor, passages: torch.Tensor, group_size: int,
-                 in_batch_negatives: bool = True, shared_queries: bool = False) -> LossOutput:
+                 in_batch_negatives: bool = True, shared_queries: bool = False,
+                 guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
+        """``guide``: a teacher's embeddings of the same queries and passages (normalised); every
+        candidate it scores above the query's positive leaves the denominator (GISTEmbed)."""
         local = queries.shape[0]
         if passages.shape[0] != local * group_size:
             raise ValueError(f"{passages.shape[0]} passages for {local} queries x group {group_size}")
         rank, size = world()
         if shared_queries and self.cross_device and size > 1:
-            return self._balanced(queries, passages, group_size, in_batch_negatives, size)
+            return self._balanced(queries, passages, group_size, in_batch_negatives, size, guide)
+        guide_queries = guide_passages = None
         if self.cross_device and size > 1:
             all_queries, all_passages, offset = gather_with_grad(queries), gather_with_grad(passages), rank * local
+            if guide is not None:
+                guide_queries, guide_passages = (gather_with_grad(t.to(queries.device)) for t in guide)
         else:
             all_queries, all_passages, offset = queries, passages, 0
+            if guide is not None:
+                guide_queries, guide_passages = (t.to(queries.device) for t in guide)
         rows = torch.arange(local, device=queries.device) + offset
         labels = rows * group_size
         own_group = None
@@ -83,7 +102,8 @@ class InfoNCELoss:
             # Only the query's own group competes (classification-style data).
             group_of_column = torch.arange(all_passages.shape[0], device=queries.device) // group_size
             own_group = group_of_column.unsqueeze(0) == rows.unsqueeze(1)
-        scores, masked = self._logits(queries.float() @ all_passages.float().T, labels, own_group)
+        scores, masked = self._logits(queries.float() @ all_passages.float().T, labels, own_group,
+                                      None if guide is None else guide[0].to(queries.device) @ guide_passages.T)
         loss = F.cross_entropy(scores, labels)
         accuracy = (scores.argmax(dim=1) == labels).float().mean()
         if self.symmetric:
@@ -93,37 +113,50 @@ class InfoNCELoss:
             if not in_batch_negatives:
                 own_query = torch.zeros(local, all_queries.shape[0], dtype=torch.bool, device=queries.device)
                 own_query[torch.arange(local), rows] = True
-            reverse, masked_reverse = self._logits(positives.float() @ all_queries.float().T, rows, own_query)
+            reverse_guide = None if guide is None else guide[1].to(queries.device)[::group_size] @ guide_queries.T
+            reverse, masked_reverse = self._logits(positives.float() @ all_queries.float().T, rows, own_query,
+                                                   reverse_guide)
             masked += masked_reverse
             loss = (loss + F.cross_entropy(reverse, rows)) / 2
         return LossOutput(loss, accuracy.detach(), masked)
 
     def _balanced(self, queries: torch.Tensor, passages: torch.Tensor, group_size: int, in_batch_negatives: bool,
-                  size: int) -> LossOutput:
+                  size: int, guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
         """Conan's cross-rank balancing: every rank holds the same queries and positives and its
         own hard negatives. Each query competes with the batch's positives (once) and every
         rank's negatives, gathered with gradients: the loss of one process whose groups hold
         all ranks' negatives, computed alike on every rank."""
         local, negatives_per_rank = queries.shape[0], group_size - 1
-        grouped = passages.view(local, group_size, -1)
-        candidates = [grouped[:, 0]]
-        # Column j of the negatives block belongs to query j // (size * negatives_per_rank).
-        if negatives_per_rank:
-            gathered = gather_with_grad(grouped[:, 1:].contiguous())  # (size * local, g - 1, d)
-            everyone = gathered.view(size, local, negatives_per_rank, -1).transpose(0, 1)
-            candidates.append(everyone.reshape(local * size * negatives_per_rank, -1))
-        columns = torch.cat(candidates)
+        columns = _balanced_columns(passages, local, group_size, size)
         labels = torch.arange(local, device=queries.device)
         own = None
         if not in_batch_negatives:
             owner = torch.cat([labels, labels.repeat_interleave(size * negatives_per_rank)])
             own = owner.unsqueeze(0) == labels.unsqueeze(1)
-        scores, masked = self._logits(queries.float() @ columns.float().T, labels, own)
+        guide_scores = None
+        if guide is not None:
+            guide_queries, guide_passages = (t.to(queries.device) for t in guide)
+            guide_scores = guide_queries @ _balanced_columns(guide_passages, local, group_size, size).T
+        scores, masked = self._logits(queries.float() @ columns.float().T, labels, own, guide_scores)
         loss = F.cross_entropy(scores, labels)
         accuracy = (scores.argmax(dim=1) == labels).float().mean()
         if self.symmetric:  # the queries are the same on every rank: nothing to gather
             own_query = None if in_batch_negatives else torch.eye(local, dtype=torch.bool, device=queries.device)
-            reverse, masked_reverse = self._logits(grouped[:, 0].float() @ queries.float().T, labels, own_query)
+            reverse_guide = None if guide is None else guide_passages[::group_size] @ guide_queries.T
+            reverse, masked_reverse = self._logits(passages[::group_size].float() @ queries.float().T, labels,
+                                                   own_query, reverse_guide)
             masked += masked_reverse
             loss = (loss + F.cross_entropy(reverse, labels)) / 2
         return LossOutput(loss, accuracy.detach(), masked)
+
+
+def _balanced_columns(passages: torch.Tensor, local: int, group_size: int, size: int) -> torch.Tensor:
+    """The candidates of a balanced batch: the local positives, then every rank's negatives
+    (gathered with gradients), query by query: column ``local + j`` belongs to query
+    ``j // (size * (group_size - 1))``."""
+    grouped = passages.view(local, group_size, -1)
+    if group_size == 1:
+        return grouped[:, 0]
+    gathered = gather_with_grad(grouped[:, 1:].contiguous())  # (size * local, g - 1, d)
+    everyone = gathered.view(size, local, group_size - 1, -1).transpose(0, 1)
+    return torch.cat([grouped[:, 0], everyone.reshape(local * size * (group_size - 1), -1)])

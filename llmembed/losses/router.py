@@ -53,6 +53,9 @@ class LossConfig:
     # "mse": the cosines themselves (Jasper); "kl": each query's distribution over the batch's
     # passages at temperature / teacher_temperature (listwise over in-batch candidates).
     structure_kind: str = "mse"
+    # GISTEmbed's guide: InfoNCE candidates that teacher_model scores above the query's
+    # positive leave the denominator (counted in masked_negatives).
+    guided_masking: bool = False
     # SimCSE datasets (unlabelled text, two dropout views): Gao et al. use 0.05.
     simcse_temperature: float = bounded(0.05, gt=0.0)
     # MNTP datasets (LLM2Vec): share of eligible tokens masked, and the mask token for
@@ -66,16 +69,25 @@ class LossConfig:
             raise ValueError(f"structure_kind must be mse or kl, got {self.structure_kind!r}")
         if self.structure_weight > 0 and not self.teacher_model:
             raise ValueError("structure_weight > 0 needs teacher_model (a sentence-transformers folder)")
+        if self.guided_masking and not self.teacher_model:
+            raise ValueError("guided_masking needs teacher_model (a sentence-transformers folder) as the guide")
 
 
 @dataclass
 class TeacherSignals:
     """What a teacher says about one micro-batch: ``scores`` (B, group) of each query's own
-    candidates, from the records; ``similarity`` (B, B * group) of every query-passage pair,
-    from an embedding teacher run on the batch."""
+    candidates, from the records; ``query`` (B, dt) and ``passage`` (B * group, dt), an
+    embedding teacher's normalised vectors of the batch's texts. ``similarity`` may be given
+    directly; otherwise it is ``query @ passage.T``."""
 
     scores: torch.Tensor | None = None
     similarity: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    passage: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.similarity is None and self.query is not None and self.passage is not None:
+            self.similarity = self.query @ self.passage.T
 
 
 def choose_loss(requested: str, scored: Sequence[bool], where: str, plain_text: Sequence[bool] = ()) -> str:
@@ -121,18 +133,25 @@ class LossRouter:
         self.structure = (SimilarityStructureLoss(config.structure_kind, config.temperature, config.teacher_temperature)
                           if config.structure_weight > 0 else None)
         self.structure_weight = config.structure_weight
+        self.guided_masking = config.guided_masking
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]
 
     def _bind(self, ds: LoadedDataset) -> DatasetLoss:
         if ds.loss == "infonce":
             infonce, group, in_batch, shared = self.infonce, ds.group_size, ds.in_batch_negatives, ds.shared_queries
+            guided = self.guided_masking
             distill = self.distill if ds.teacher is not None and self.distill_weight > 0 else None
             structure, weight, structure_weight, name = self.structure, self.distill_weight, self.structure_weight, ds.name
 
             def run_infonce(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
                             teacher: TeacherSignals | None = None) -> LossOutput:
-                out = infonce(queries, passages, group, in_batch, shared)
+                guide = None
+                if guided:
+                    if teacher is None or teacher.query is None or teacher.passage is None:
+                        raise ValueError(f"dataset {name}: guided masking needs the teacher's vectors of the batch")
+                    guide = (teacher.query, teacher.passage)
+                out = infonce(queries, passages, group, in_batch, shared, guide)
                 loss = out.loss
                 if distill is not None:
                     if teacher is None or teacher.scores is None:

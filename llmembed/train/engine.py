@@ -89,7 +89,8 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
         stats = optimizer_step(engine, batches, run.collator, run.losses, accum)
         meter.add(stats)
         losses.append(stats.loss)
-        extra = {"masked_negatives": stats.masked_negatives} if config.loss.false_negative_margin is not None else {}
+        masking = config.loss.false_negative_margin is not None or config.loss.guided_masking
+        extra = {"masked_negatives": stats.masked_negatives} if masking else {}
         if run.refresher is not None:
             extra.update(_remine(run, step, stats, meter))
         if step % config.logging.log_every == 0 or step == run.total_steps or extra.get("remined"):

@@ -309,7 +309,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     mntp_head, masking = mntp_parts(config, datasets, model, ds_config)
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
     teacher = None
-    if config.loss.structure_weight > 0:
+    if config.loss.structure_weight > 0 or config.loss.guided_masking:
         from llmembed.encoders import load_encoder
 
         teacher = load_encoder(config.loss.teacher_model)

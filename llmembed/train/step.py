@@ -156,9 +156,10 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
             q, p = engine(query, passage)
             scores = batch["scores"].to(device) if "scores" in batch else None
             teacher = None
-            if "teacher_scores" in batch or "teacher_similarity" in batch:
-                teacher = TeacherSignals(*(batch[k].to(device) if k in batch else None
-                                           for k in ("teacher_scores", "teacher_similarity")))
+            if "teacher_scores" in batch or "teacher_query" in batch:
+                scores_t, query_t, passage_t = (batch[k].to(device) if k in batch else None
+                                                for k in ("teacher_scores", "teacher_query", "teacher_passage"))
+                teacher = TeacherSignals(scores_t, query=query_t, passage=passage_t)
             out = losses(batch["dataset"])(q, p, scores, teacher)
             seen.append(negative_scores(ref, q, p))
             real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
