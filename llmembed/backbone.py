@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llmembed.config import bounded, check_ranges
 from llmembed.resolve import ModelPathError, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class BackboneConfig:
     # Dropout on attention probabilities while training (the config's attention_dropout, which
     # Llama, Mistral, Qwen2/3 and Gemma2 read); a source of SimCSE's views for full fine-tuning.
     # None keeps the checkpoint's value (0 for these families). Inactive in eval and serving.
-    attention_dropout: float | None = None
+    attention_dropout: float | None = bounded(None, ge=0.0, lt=1.0)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -69,8 +70,10 @@ class BackboneConfig:
             )
         if self.quantization not in QUANTIZATIONS:
             raise BackboneError(f"backbone.quantization: {self.quantization!r} is not one of {QUANTIZATIONS}")
-        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
-            raise BackboneError(f"backbone.attention_dropout: must be in [0, 1), got {self.attention_dropout!r}")
+        try:
+            check_ranges(self)
+        except ValueError as err:
+            raise BackboneError(f"backbone.{err}") from None
 
 
 def resolve_dtype(name: str) -> torch.dtype:
