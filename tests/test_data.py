@@ -57,11 +57,13 @@ def test_layouts_are_normalised(tmp_path):
         {"query": "c", "pos": ["p"], "neg": ["n1", "n2"]},
         {"query": "d", "positive": "p", "score": 4.5},
         {"text": "an unlabelled sentence", "meta": {"source": "wiki"}},
+        {"query": "same", "positive": "same"},  # a labelled pair that repeats its query: not unlabelled text
     ])
-    a, b, c, d, e = read_jsonl(path)
+    a, b, c, d, e, f = read_jsonl(path)
     assert (e.query, e.positives, e.negatives, e.meta) == ("an unlabelled sentence", ["an unlabelled sentence"], [],
                                                            {"source": "wiki"})
-    assert is_plain_text(e) and not any(is_plain_text(r) for r in (a, b, c, d))
+    assert is_plain_text(e) and not any(is_plain_text(r) for r in (a, b, c, d, f))
+    assert e.to_json() == {"text": "an unlabelled sentence", "meta": {"source": "wiki"}}
     assert (a.query, a.positives, a.negatives, a.instruction, a.task) == ("a", ["p1", "p2"], ["n"], "I", "t")
     assert (b.query, b.positives, b.negatives) == ("b", ["p"], ["n"])
     assert (c.query, c.positives, c.negatives) == ("c", ["p"], ["n1", "n2"])

@@ -33,8 +33,13 @@ class Record:
     task: str | None = None
     score: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Read from a {"text": ...} line (query and only positive are that text), as opposed to a
+    # labelled pair that happens to repeat its query: the file's layout decides, not the values.
+    plain_text: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        if self.plain_text:
+            return {"text": self.query, "meta": self.meta}
         return {
             "query": self.query,
             "positive": self.positives[0] if len(self.positives) == 1 else list(self.positives),
@@ -94,8 +99,8 @@ def _check_keys(obj: dict, layout: tuple[str, ...]) -> None:
 
 
 def is_plain_text(record: Record) -> bool:
-    """A ``{"text": ...}`` record: one text, its own positive, nothing else."""
-    return record.positives == [record.query] and not record.negatives and record.score is None
+    """A record read from a ``{"text": ...}`` line: one text, its own positive, nothing else."""
+    return record.plain_text
 
 
 def parse_record(obj: Any, ignore_unknown_keys: bool = False) -> Record:
@@ -107,10 +112,7 @@ def parse_record(obj: Any, ignore_unknown_keys: bool = False) -> Record:
         if not ignore_unknown_keys:
             _check_keys(obj, ("text",))
         text = _text(obj["text"], "text")
-        meta = obj.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise DataError(f"field 'meta': expected an object, got {type(meta).__name__}")
-        return Record(text, [text], meta=meta)
+        return Record(text, [text], meta=_meta(obj), plain_text=True)
     layout = next((l for l in _LAYOUTS if l[0] in obj and l[1] in obj), None)
     if layout is None:
         if "query" not in obj and "anchor" not in obj:
@@ -133,7 +135,11 @@ def parse_record(obj: Any, ignore_unknown_keys: bool = False) -> Record:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise DataError(f"field 'score': expected a finite number or null, got {score!r}")
         score = float(score)
+    return Record(query, positives, negatives, instruction or None, task, score, _meta(obj))
+
+
+def _meta(obj: dict) -> dict:
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise DataError(f"field 'meta': expected an object, got {type(meta).__name__}")
-    return Record(query, positives, negatives, instruction or None, task, score, meta)
+    return meta
