@@ -52,11 +52,10 @@ class HomogeneousBatchSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        if any(self.shared):
-            self.steps_per_epoch = max(1, sum(s // b for s, b, w in zip(sizes, self.rows_per_batch, weights) if w > 0))
-        else:
-            usable = [s for s, w in zip(sizes, weights) if w > 0]
-            self.steps_per_epoch = max(1, sum(usable) // global_batch_size)
+        # An epoch is as many steps as the used datasets' rows fill; a shared dataset's batch
+        # takes one local batch of its rows, so its rows count world_size times.
+        rows = sum(s * (world_size if sh else 1) for s, sh, w in zip(sizes, self.shared, weights) if w > 0)
+        self.steps_per_epoch = max(1, rows // global_batch_size)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
