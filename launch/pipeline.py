@@ -4,9 +4,10 @@
     .venv/bin/python launch/pipeline.py [--out runs/pipeline] [--procs 2]
 
 Each stage runs the project's own command line and records what it did in
-``<out>/stages/<stage>.json`` (command, wall time); a rerun skips finished stages and the
-training stage resumes from its last checkpoint, so a killed pipeline, rerun with the same
-command, continues. Stages:
+``<out>/stages/<stage>.json`` (command, fingerprints of the files it reads, wall time); a rerun
+skips finished stages whose command and inputs are unchanged, and the training stage resumes
+from its last checkpoint, so a killed pipeline, rerun with the same command, continues. Training
+writes to ``<out>/run-<fingerprint of config and data>``: an edited config trains anew. Stages:
 
 1. ``synth``: a small synthetic set from the default generator (transformers backend, English:
    a 135M model writes word salad in other languages), merged across parts with duplicate
@@ -29,6 +30,7 @@ generator runs the same stages as the GPU recipe (README, "The main job on GPUs"
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -79,13 +81,18 @@ class Pipeline:
                     "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.times: dict[str, float] = {}
 
-    def stage(self, name: str, commands: list[list[str]]) -> None:
-        """Run ``commands`` unless ``name`` finished before with the same commands."""
+    def stage(self, name: str, commands: list[list[str]], inputs: tuple[Path, ...] = ()) -> None:
+        """Run ``commands`` unless ``name`` finished before with the same commands on the same
+        ``inputs`` (files whose content the commands read: an edited config or a regenerated
+        data file reruns the stage even though its command line is unchanged)."""
         marker = self.stages / f"{name}.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("commands") == commands:
-            self.times[name] = json.loads(marker.read_text())["wall_s"]
-            print(f"[pipeline] {name}: done before, skipped", flush=True)
-            return
+        inputs_now = {str(p): fingerprint(p) for p in inputs}
+        if marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("commands") == commands and done.get("inputs", {}) == inputs_now:
+                self.times[name] = done["wall_s"]
+                print(f"[pipeline] {name}: done before, skipped", flush=True)
+                return
         print(f"[pipeline] {name} ...", flush=True)
         started = time.perf_counter()
         for command in commands:
@@ -95,7 +102,8 @@ class Pipeline:
                 raise SystemExit(f"[pipeline] stage {name} failed (exit {result.returncode}); fix and rerun: "
                                  "finished stages are kept")
         self.times[name] = round(time.perf_counter() - started, 1)
-        marker.write_text(json.dumps({"commands": commands, "wall_s": self.times[name]}, indent=2))
+        marker.write_text(json.dumps({"commands": commands, "inputs": inputs_now, "wall_s": self.times[name]},
+                                     indent=2))
 
     def run(self) -> None:
         from llmembed.encoders import reference_model_dir
@@ -122,18 +130,21 @@ class Pipeline:
              "--num-negatives", str(opts.num_negatives), "--no-progress", *reranker],
         ])
         config = opts.train_config
-        run_dir = self.out / "run"
         # One training file: the few synthetic pairs that pass both filters on CPU would be a
         # dataset smaller than one batch; with the real pairs they share batches (a record
         # without hard negatives borrows other records' positives).
         mixed = self.data / "train_mixed.jsonl"
         self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed),
-                                str(self.data / "chatterbot_mined.jsonl"), str(filtered)]])
+                                str(self.data / "chatterbot_mined.jsonl"), str(filtered)]],
+                   inputs=(self.data / "chatterbot_mined.jsonl", filtered))
+        # One run folder per (config, data): an edited config trains anew instead of resuming
+        # checkpoints made under the old one, and every later stage follows the new folder.
+        run_dir = self.out / f"run-{fingerprint(config, mixed)[:10]}"
         overrides = ["--set", f"checkpoint.output_dir={run_dir}", "--set", f"loss.teacher_model={teacher}",
                      "--set", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
         self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",
-                              *overrides]])
+                              *overrides]], inputs=(config, mixed))
         records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
         self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(run_dir / "final"), "--suite", "offline",
                                  *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]])
@@ -181,6 +192,15 @@ class Pipeline:
         for name in rows:
             print(f"  {name:<40} {runner.average(suite_only[name]):.4f} / {runner.average(rows[name]):.4f}")
         print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in self.times.items()))
+
+
+def fingerprint(*paths: Path) -> str:
+    """sha256 over the files' contents (a missing file counts as empty)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes() if path.is_file() else b"")
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 _LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)

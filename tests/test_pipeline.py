@@ -1,5 +1,6 @@
-"""The main job's own filter (launch/pipeline.py): cheap text checks on synthetic pairs before
-the teacher's score filter, each rejection counted by reason."""
+"""The main job (launch/pipeline.py): its own filter (cheap text checks on synthetic pairs
+before the teacher's score filter, each rejection counted by reason), its settings, and when a
+finished stage is skipped."""
 
 from __future__ import annotations
 
@@ -71,3 +72,19 @@ def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):
         with pytest.raises(SystemExit):
             pipeline.parse(bad)
         assert named in capsys.readouterr().err
+
+
+def test_a_finished_stage_is_skipped_until_its_command_or_an_input_file_changes(tmp_path):
+    pipeline = _pipeline()
+    runner = pipeline.Pipeline(tmp_path / "out", pipeline.PipelineSettings())
+    config, log = tmp_path / "train.yaml", tmp_path / "runs.log"
+    config.write_text("train: {lr: 1.0e-3}\n")
+    command = [[sys.executable, "-c", f"open({str(log)!r}, 'a').write('ran ')"]]
+    runner.stage("train", command, inputs=(config,))
+    runner.stage("train", command, inputs=(config,))
+    assert log.read_text() == "ran "
+    config.write_text("train: {lr: 2.0e-3}\n")  # same command line, edited config
+    runner.stage("train", command, inputs=(config,))
+    runner.stage("train", command, inputs=(config,))
+    assert log.read_text() == "ran ran "
+    assert pipeline.fingerprint(config) != pipeline.fingerprint(tmp_path / "absent.yaml")
