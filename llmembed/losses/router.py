@@ -118,10 +118,19 @@ class DatasetLoss(Protocol):
                  scores: torch.Tensor | None = None, teacher: TeacherSignals | None = None) -> LossOutput: ...
 
 
-class LossRouter:
-    """One bound loss per loaded dataset, indexed like the dataset list the sampler draws from."""
+class TokenLoss(Protocol):
+    """A token-level loss bound to one dataset (MNTP): the texts' token states and per-token
+    labels in, loss and accuracy out."""
 
-    def __init__(self, datasets: Sequence[LoadedDataset], config: LossConfig) -> None:
+    def __call__(self, states: torch.Tensor, labels: torch.Tensor) -> LossOutput: ...
+
+
+class LossRouter:
+    """One bound loss per loaded dataset, indexed like the dataset list the sampler draws from.
+    ``mntp_head`` (:class:`~llmembed.losses.mntp.MNTPHead`) scores MNTP datasets."""
+
+    def __init__(self, datasets: Sequence[LoadedDataset], config: LossConfig,
+                 mntp_head: torch.nn.Module | None = None) -> None:
         self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
                                    config.false_negative_margin)
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
@@ -134,10 +143,11 @@ class LossRouter:
                           if config.structure_weight > 0 else None)
         self.structure_weight = config.structure_weight
         self.guided_masking = config.guided_masking
+        self.mntp_head = mntp_head
         self.names = [ds.loss for ds in datasets]
         self._losses = [self._bind(ds) for ds in datasets]
 
-    def _bind(self, ds: LoadedDataset) -> DatasetLoss:
+    def _bind(self, ds: LoadedDataset) -> DatasetLoss | TokenLoss:
         if ds.loss == "infonce":
             infonce, group, in_batch, shared = self.infonce, ds.group_size, ds.in_batch_negatives, ds.shared_queries
             guided = self.guided_masking
@@ -165,12 +175,12 @@ class LossRouter:
 
             return run_infonce
         if ds.loss == "mntp":
-            name = ds.name
+            head = self.mntp_head
+            if head is None:
+                raise ValueError(f"dataset {ds.name} trains MNTP: the loss router needs the model's MNTP head")
 
-            def run_mntp(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
-                         teacher: TeacherSignals | None = None) -> LossOutput:
-                raise ValueError(f"dataset {name}: MNTP is a token-level loss, scored in the encoder's forward "
-                                 "(PairEncoder with an MNTP head), not on embeddings")
+            def run_mntp(states: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+                return LossOutput(*head(states, labels))
 
             return run_mntp
         if ds.loss == "simcse":
@@ -193,7 +203,7 @@ class LossRouter:
             return run_cosent
         raise ValueError(f"dataset {ds.name}: unknown loss {ds.loss!r}; choose one of {LOSS_NAMES}")
 
-    def __call__(self, dataset: int) -> DatasetLoss:
+    def __call__(self, dataset: int) -> DatasetLoss | TokenLoss:
         return self._losses[dataset]
 
     def __len__(self) -> int:

@@ -204,14 +204,14 @@ def _scheduler_factory(config: TrainConfig, total_steps: int) -> Callable[[torch
 
 
 def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dict[str, Any],
-                      total_steps: int, mntp_head: torch.nn.Module | None = None) -> tuple[Any, Any]:
+                      total_steps: int) -> tuple[Any, Any]:
     """``deepspeed.initialize`` on the pair encoder; returns (engine, LR scheduler)."""
     import deepspeed
 
     from llmembed.train.safe_load import use_weights_only_loading
 
     opt = config.train
-    wrapper = PairEncoder(model, config.train.length_buckets, mntp_head)
+    wrapper = PairEncoder(model, config.train.length_buckets)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters")
@@ -330,10 +330,10 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     refresher = HardNegativeRefresher(config.remine, datasets) if config.remine.enabled else None
     accum = opt.gradient_accumulation_steps
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * sampler.steps_per_epoch / accum))
-    engine, scheduler = initialize_engine(model, config, ds_config, total_steps, mntp_head)
+    engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
     checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
     start_step = resume_step(engine, checkpoints, resume, rank)
     if refresher is not None and start_step > 0:
         refresher.load(checkpoints / f"{checkpoint.TAG_PREFIX}{start_step}")
     return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
-                      LossRouter(datasets, config.loss), total_steps, start_step, refresher, hf_ds, run_lock)
+                      LossRouter(datasets, config.loss, mntp_head.to(engine.device) if mntp_head is not None else None), total_steps, start_step, refresher, hf_ds, run_lock)

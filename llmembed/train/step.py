@@ -19,7 +19,6 @@ from torch import nn
 
 from llmembed.data.sampling import BatchRef
 from llmembed.distributed import all_reduce_mean
-from llmembed.losses.infonce import LossOutput
 from llmembed.losses.router import LossRouter, TeacherSignals
 from llmembed.model import EmbeddingModel
 
@@ -65,24 +64,19 @@ class PairEncoder(nn.Module):
     similar length (see :func:`length_buckets`); the embeddings come back in batch order.
     ``processed_tokens`` counts the padded tokens the passes really ran."""
 
-    def __init__(self, model: EmbeddingModel, length_buckets: int = 1, mntp_head: nn.Module | None = None) -> None:
+    def __init__(self, model: EmbeddingModel, length_buckets: int = 1) -> None:
         super().__init__()
         self.model = model
         self.length_buckets = length_buckets
-        self.mntp_head = mntp_head
         self.processed_tokens = 0
 
-    def forward(self, query: dict, passage: dict | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query embeddings, passage embeddings); for an MNTP batch (``labels`` given, no
-        passages) the masked-token (loss, accuracy) of the query texts instead."""
+    def forward(self, query: dict, passage: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(query embeddings, passage embeddings); without passages, the query texts' token
+        states (batch, tokens, hidden) for a token-level loss (MNTP)."""
         self.processed_tokens = 0
-        if labels is not None:
-            if self.mntp_head is None:
-                raise ValueError("an MNTP batch came to an encoder built without an MNTP head")
+        if passage is None:
             self.processed_tokens = query["attention_mask"].numel()
-            hidden = self.model.token_states(query["input_ids"], query["attention_mask"])
-            return self.mntp_head(hidden, labels)
+            return self.model.token_states(query["input_ids"], query["attention_mask"])
         return self._encode(query), self._encode(passage)
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -148,8 +142,8 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         ref = next(batches)
         batch = collate(ref)
         query = _to(batch["query"], device)
-        if "labels" in batch:  # MNTP: a token-level loss, computed in the encoder's forward
-            out = LossOutput(*engine(query, None, batch["labels"].to(device)))
+        if "labels" in batch:  # MNTP: a token-level loss over the texts' token states
+            out = losses(batch["dataset"])(engine(query), batch["labels"].to(device))
             real += int(query["attention_mask"].sum())
         else:
             passage = _to(batch["passage"], device)
