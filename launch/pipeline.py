@@ -140,18 +140,19 @@ class Pipeline:
         # One run folder per (config, data): an edited config trains anew instead of resuming
         # checkpoints made under the old one, and every later stage follows the new folder.
         run_dir = self.out / f"run-{fingerprint(config, mixed)[:10]}"
-        overrides = ["--set", f"checkpoint.output_dir={run_dir}", "--set", f"loss.teacher_model={teacher}",
-                     "--set", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
+        overrides = [f"checkpoint.output_dir={run_dir}", f"loss.teacher_model={teacher}",
+                     f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
         self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",
-                              *overrides]], inputs=(config, mixed))
+                              *(arg for o in overrides for arg in ("--set", o))]], inputs=(config, mixed))
+        final = final_model_dir(config, overrides)
         records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
-        self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(run_dir / "final"), "--suite", "offline",
+        self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(final), "--suite", "offline",
                                  *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]])
         export = self.out / "export"
         vllm = [f"--vllm-python={REPO / '.venv-vllm' / 'bin' / 'python'}"] if (REPO / ".venv-vllm" / "bin" /
                                                                                "python").is_file() else []
-        self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(run_dir / "final"), "--out", str(export),
+        self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(final), "--out", str(export),
                                "--overwrite", *vllm]])
         self.stage("serve", [
             [PY, "-m", "llmembed.evaluate", "--model", str(export), "--backend", "sentence-transformers",
@@ -192,6 +193,14 @@ class Pipeline:
         for name in rows:
             print(f"  {name:<40} {runner.average(suite_only[name]):.4f} / {runner.average(rows[name]):.4f}")
         print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in self.times.items()))
+
+
+def final_model_dir(config: Path, overrides: list[str]) -> Path:
+    """Where training leaves its model: ``<output_dir>/final``, or for a config with stages
+    (each trained into its own folder) the last stage's."""
+    from llmembed.train.config import load_plan
+
+    return Path(load_plan(config, overrides)[-1].config.checkpoint.output_dir) / "final"
 
 
 def fingerprint(*paths: Path) -> str:

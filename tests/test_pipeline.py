@@ -88,3 +88,16 @@ def test_a_finished_stage_is_skipped_until_its_command_or_an_input_file_changes(
     runner.stage("train", command, inputs=(config,))
     assert log.read_text() == "ran ran "
     assert pipeline.fingerprint(config) != pipeline.fingerprint(tmp_path / "absent.yaml")
+
+
+def test_the_pipeline_evaluates_and_exports_the_last_stages_model(tmp_path):
+    import yaml
+
+    pipeline = _pipeline()
+    single = REPO / "launch" / "configs" / "pipeline.yaml"
+    out = [f"checkpoint.output_dir={tmp_path / 'run'}", "loss.teacher_model=/models/teacher"]
+    assert pipeline.final_model_dir(single, out) == tmp_path / "run" / "final"
+    staged = yaml.safe_load(single.read_text())
+    staged["stages"] = [{"name": "weak", "loss": {"structure_weight": 0.0}}, {"name": "supervised"}]
+    (tmp_path / "staged.yaml").write_text(yaml.safe_dump(staged))
+    assert pipeline.final_model_dir(tmp_path / "staged.yaml", out) == tmp_path / "run" / "supervised" / "final"
