@@ -128,7 +128,7 @@ class Pipeline:
             [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(self.data / "chatterbot" / "train.jsonl"),
              "--out", str(self.data / "chatterbot_mined.jsonl"), "--ranks", opts.ranks,
              "--num-negatives", str(opts.num_negatives), "--no-progress", *reranker],
-        ])
+        ], inputs=(self.data / "chatterbot" / "train.jsonl",))
         config = opts.train_config
         # One training file: the few synthetic pairs that pass both filters on CPU would be a
         # dataset smaller than one batch; with the real pairs they share batches (a record
@@ -148,25 +148,26 @@ class Pipeline:
         final = final_model_dir(config, overrides)
         records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
         self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(final), "--suite", "offline",
-                                 *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]])
+                                 *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]],
+                   inputs=(final, synth_heldout))
         export = self.out / "export"
         vllm = [f"--vllm-python={REPO / '.venv-vllm' / 'bin' / 'python'}"] if (REPO / ".venv-vllm" / "bin" /
                                                                                "python").is_file() else []
         self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(final), "--out", str(export),
-                               "--overwrite", *vllm]])
+                               "--overwrite", *vllm]], inputs=(final,))
         self.stage("serve", [
             [PY, "-m", "llmembed.evaluate", "--model", str(export), "--backend", "sentence-transformers",
              "--suite", "offline", *records, "--json", str(self.out / "scores_export_st.json")],
             [PY, str(REPO / "launch" / "pipeline.py"), "--answer", str(export),
              str(self.data / "chatterbot" / "heldout.jsonl")],
-        ])
+        ], inputs=(export, synth_heldout))
         self.report()
 
     def filter_synthetic(self, source: Path, name: str, teacher: str) -> Path:
         """Cheap text checks, then the teacher's score filter (Conan's: positive under 0.4 dropped)."""
         sane, filtered = self.data / f"{name}_sane.jsonl", self.data / f"{name}.jsonl"
         self.stage(f"{name}_sanity", [[PY, str(REPO / "launch" / "pipeline.py"), "--sanity-filter", str(source),
-                                       str(sane)]])
+                                       str(sane)]], inputs=(source,))
         if sum(1 for line in sane.read_text(encoding="utf-8").splitlines() if line.strip()) < 2:
             print(f"[pipeline] {name}: fewer than 2 pairs passed the text checks; none kept", flush=True)
             filtered.write_text("")
@@ -174,7 +175,7 @@ class Pipeline:
         self.stage(f"{name}_filter", [
             [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(sane), "--out", str(filtered),
              "--min-positive-score", str(MIN_TEACHER_SCORE), "--ranks", "0:1", "--num-negatives", "1",
-             "--keep-existing-negatives", "--no-progress"]])
+             "--keep-existing-negatives", "--no-progress"]], inputs=(sane,))
         return filtered
 
     def report(self) -> None:
@@ -204,10 +205,14 @@ def final_model_dir(config: Path, overrides: list[str]) -> Path:
 
 
 def fingerprint(*paths: Path) -> str:
-    """sha256 over the files' contents (a missing file counts as empty)."""
+    """sha256 over the files' contents; a folder counts as its files (names and contents), a
+    missing path as empty."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.read_bytes() if path.is_file() else b"")
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+            digest.update(f.read_bytes() if f.is_file() else b"")
         digest.update(b"\0")
     return digest.hexdigest()
 

@@ -88,6 +88,14 @@ def test_a_finished_stage_is_skipped_until_its_command_or_an_input_file_changes(
     runner.stage("train", command, inputs=(config,))
     assert log.read_text() == "ran ran "
     assert pipeline.fingerprint(config) != pipeline.fingerprint(tmp_path / "absent.yaml")
+    export = tmp_path / "export"  # a folder input: any file's content or name counts
+    (export / "sub").mkdir(parents=True)
+    (export / "sub" / "weights.bin").write_bytes(b"1")
+    runner.stage("serve", command, inputs=(export,))
+    runner.stage("serve", command, inputs=(export,))
+    (export / "sub" / "weights.bin").write_bytes(b"2")
+    runner.stage("serve", command, inputs=(export,))
+    assert log.read_text() == "ran " * 4
 
 
 def test_the_pipeline_evaluates_and_exports_the_last_stages_model(tmp_path):
