@@ -17,7 +17,9 @@ writes to ``<out>/run-<fingerprint of config and data>``: an edited config train
    ``llmembed.mine --min-positive-score``).
 3. ``data`` + ``mine``: chatterbot-corpus pairs (packaged), hard negatives mined by the teacher
    with the positive-aware rule (optionally re-scored by ``--cross-encoder``).
-4. ``train``: LoRA on the default backbone under DeepSpeed ZeRO-2 on ``--procs`` CPU processes.
+4. ``train_seed<N>`` for each of ``--seeds``: LoRA on the default backbone under DeepSpeed ZeRO-2
+   on ``--procs`` CPU processes; ``merge``: with several seeds, their models averaged weight by
+   weight (``llmembed.merge --method linear``), which is what the later stages evaluate and ship.
 5. ``evaluate``: the offline suite plus the synthetic held-out split, for the reference
    (all-MiniLM-L6-v2), the untrained configuration and the trained model.
 6. ``export`` (checked by ``llmembed.verify``), then the export scored again through
@@ -66,6 +68,10 @@ class PipelineSettings:
     cross_encoder: str | None = None
     ranks: str = "3:30"
     num_negatives: int = 3
+    # Train once per seed and average the models. On issue 10's dev split the average of two
+    # seeds scored at or above the mean of its inputs on every task (English dev nDCG@10
+    # 0.6082 -> 0.6409 at 5 epochs); one seed halves the training time.
+    seeds: list[int] = field(default_factory=lambda: [42, 7])
 
 
 class Pipeline:
@@ -137,15 +143,23 @@ class Pipeline:
         self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed),
                                 str(self.data / "chatterbot_mined.jsonl"), str(filtered)]],
                    inputs=(self.data / "chatterbot_mined.jsonl", filtered))
-        # One run folder per (config, data): an edited config trains anew instead of resuming
-        # checkpoints made under the old one, and every later stage follows the new folder.
-        run_dir = self.out / f"run-{fingerprint(config, mixed)[:10]}"
-        overrides = [f"checkpoint.output_dir={run_dir}", f"loss.teacher_model={teacher}",
-                     f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
-        self.stage("train", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
-                              str(REPO / "launch" / "train.py"), "--config", str(config), "--resume", "auto",
-                              *(arg for o in overrides for arg in ("--set", o))]], inputs=(config, mixed))
-        final = final_model_dir(config, overrides)
+        # One run folder per (config, data, seed): an edited config trains anew instead of
+        # resuming checkpoints made under the old one, and every later stage follows the new folder.
+        key = fingerprint(config, mixed)[:10]
+        finals = []
+        for seed in opts.seeds:
+            overrides = [f"checkpoint.output_dir={self.out / f'run-{key}-seed{seed}'}", f"loss.teacher_model={teacher}",
+                         f"train.seed={seed}", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
+            self.stage(f"train_seed{seed}", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
+                                              str(REPO / "launch" / "train.py"), "--config", str(config), "--resume",
+                                              "auto", *(arg for o in overrides for arg in ("--set", o))]],
+                       inputs=(config, mixed))
+            finals.append(final_model_dir(config, overrides))
+        final = finals[0]
+        if len(finals) > 1:  # the seeds' models averaged (a model soup; LM-Cocktail's linear merge)
+            final = self.out / f"merged-{key}"
+            self.stage("merge", [[PY, "-m", "llmembed.merge", *map(str, finals), "--method", "linear", "--overwrite",
+                                  "--out", str(final)]], inputs=tuple(finals))
         records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
         self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(final), "--suite", "offline",
                                  *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]],
@@ -283,12 +297,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cross-encoder", help="reranker that re-scores mined candidates (llmembed.mine --cross-encoder)")
     parser.add_argument("--ranks", default=defaults.ranks, help="mining rank window START:END")
     parser.add_argument("--num-negatives", type=int_at_least(1), default=defaults.num_negatives)
+    parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=defaults.seeds,
+                        help="train once per seed; several are merged into one model (default: 42 7)")
     parser.add_argument("--sanity-filter", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--answer", nargs=2, metavar=("EXPORT", "HELDOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--concat", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.train_config.is_file():
         parser.error(f"--train-config {args.train_config}: no such file")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once (the same seed trains the same model)")
     return args
 
 
@@ -297,7 +315,8 @@ def settings_of(args: argparse.Namespace) -> PipelineSettings:
         train_config=args.train_config.absolute(), procs=args.procs, synth_backend=args.synth_backend,
         generator=args.generator, synth_tasks=args.synth_tasks, synth_examples=args.synth_examples,
         synth_temperature=args.synth_temperature, synth_languages=args.synth_languages, synth_args=args.synth_arg,
-        teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives)
+        teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives,
+        seeds=args.seeds)
 
 
 def main(argv: list[str] | None = None) -> int:

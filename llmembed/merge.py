@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +35,7 @@ import torch
 
 from llmembed.argtypes import float_in
 from llmembed.lora import is_peft_model
-from llmembed.model import EmbeddingModel
+from llmembed.model import CONFIG_FILE, EmbeddingModel
 
 METHODS = ("linear", "slerp")
 _PARALLEL = 0.9995  # |cos| above this: slerp's sin(omega) is too small to divide by
@@ -87,8 +90,16 @@ def merge_states(states: Sequence[dict[str, torch.Tensor]], method: str, weights
 
 
 def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear",
-          weights: Sequence[float] | None = None, trust_remote_code: bool = False) -> Path:
-    """Merge ``folders`` into the model folder ``out`` (see the module docstring)."""
+          weights: Sequence[float] | None = None, trust_remote_code: bool = False,
+          overwrite: bool = False) -> Path:
+    """Merge ``folders`` into the model folder ``out`` (see the module docstring).
+
+    ``out`` must be absent or empty; ``overwrite`` also replaces a previous model folder (never
+    another kind of folder). The merge is written beside ``out`` and renamed into place when
+    complete, so a killed merge leaves no half-written model behind.
+    """
+    out = Path(out)
+    _check_destination(out, overwrite)
     if method not in METHODS:
         raise MergeError(f"method must be one of {METHODS}, got {method!r}")
     if len(folders) < 2:
@@ -116,9 +127,25 @@ def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear"
     merged = merge_states([m.state_dict() for m in models], method, weights, names)
     target = models[0]
     target.load_state_dict(merged)
-    out = Path(out)
-    target.save(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        target.save(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise MergeError(f"--out {out}: exists and is not an empty folder (--overwrite replaces a previous merge)")
+    if not (out / CONFIG_FILE).is_file():
+        raise MergeError(f"--out {out}: not a model folder (no {CONFIG_FILE}); --overwrite replaces only model folders")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,13 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", type=float_in(0.0, float("inf")),
                         help="one per model, normalised to sum to 1 (default: equal); slerp's t is the second's share")
     parser.add_argument("--out", required=True, help="the merged model folder (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it is a model folder")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise MergeError(f"--out {out}: exists and is not an empty folder")
-        merge(args.models, out, args.method, args.weights, args.trust_remote_code)
+        merge(args.models, out, args.method, args.weights, args.trust_remote_code, args.overwrite)
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -101,3 +101,49 @@ def test_unmergeable_inputs_are_one_line_errors(runs, tiny_llama_dir, tmp_path, 
     run = subprocess.run([sys.executable, "-m", "llmembed.merge", str(runs[0]), str(tmp_path / "gone"),
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "gone: cannot load" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_overwrite_replaces_only_a_previous_model_folder(runs, tmp_path):
+    out = tmp_path / "m"
+    merge(runs, out, "linear", [1.0, 0.0])
+    first = EmbeddingModel.load(out).encode(TEXTS)
+    with pytest.raises(MergeError, match="exists and is not an empty folder"):
+        merge(runs, out, "linear", [0.0, 1.0])
+    merge(runs, out, "linear", [0.0, 1.0], overwrite=True)
+    second = EmbeddingModel.load(out).encode(TEXTS)
+    expected = EmbeddingModel.load(runs[1]).encode(TEXTS)
+    assert _cos(second, expected).min() >= 0.9999 and _cos(second, first).min() < 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left beside it
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(MergeError, match="not a model folder"):
+        merge(runs, notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_evaluate_shows_the_untrained_configuration_of_a_merged_folder_but_not_of_an_export(runs, tmp_path):
+    """``--baseline`` puts the untrained base next to every trained folder, merged ones included
+    (the main job evaluates a merge of two seeds); an export has no base to show."""
+    import json
+
+    from llmembed.evaluate.__main__ import main
+    from llmembed.export import export
+
+    merged = merge(runs, tmp_path / "merged")
+    exported = export(merged, tmp_path / "export")
+    pairs = [("what is the capital of France?", "Paris is the capital of France."),
+             ("how do plants make sugar?", "Photosynthesis makes sugar from light."),
+             ("who wrote Hamlet?", "Shakespeare wrote Hamlet around 1600."),
+             ("what is water made of?", "Water is two hydrogen atoms and one oxygen atom.")]
+    records = tmp_path / "heldout.jsonl"
+    records.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in pairs))
+    assert main(["--model", str(runs[0]), "--model", str(merged), "--model", str(exported), "--suite", "none",
+                 "--data", str(records), "--baseline", "--json", str(tmp_path / "scores.json")]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    untrained = [name for name in scores if name.endswith("(untrained)")]
+    assert len(untrained) == 2 and not any(name.startswith("export") for name in untrained)
+    assert len(scores) == 5
+    # Both untrained rows are the same base model: the same scores to the last digit.
+    first, second = (scores[name] for name in untrained)
+    assert first == second

@@ -21,11 +21,14 @@ from llmembed.evaluate import runner
 from llmembed.evaluate.suite import SUITE, SuiteError
 
 
-def _baseline(encoder: TextEncoder) -> TextEncoder | None:
-    """The same configuration before training: a fresh pooling head and no adapter."""
-    if encoder.kind != "llmembed" or encoder.model.config.lora is None:
+def _baseline(encoder: TextEncoder, folder: Path) -> TextEncoder | None:
+    """The same configuration before training: the base backbone it names, a fresh pooling head
+    and no adapter. Only for trained folders (LoRA, full or merged); an export names itself as
+    its backbone, so it has no untrained configuration to show."""
+    from llmembed.model import CONFIG_FILE, EmbeddingModel
+
+    if encoder.kind != "llmembed" or not (folder / CONFIG_FILE).is_file():
         return None
-    from llmembed.model import EmbeddingModel
 
     model = EmbeddingModel.build(replace(encoder.model.config, lora=None))
     return TextEncoder.of(model, f"{encoder.name} (untrained)")
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         encoders: list[TextEncoder] = []
         for folder in args.model:
             encoder = load_encoder(folder, args.backend, args.trust_remote_code)
-            baseline = _baseline(encoder) if args.baseline else None
+            baseline = _baseline(encoder, Path(folder)) if args.baseline else None
             encoders += [e for e in (baseline, encoder) if e is not None]
         reference = load_encoder(reference_model_dir()) if args.reference else None
         if reference is not None:
