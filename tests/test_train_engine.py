@@ -167,6 +167,28 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
         assert a["lr"] == b["lr"]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == len(steps)
 
+    # The same checkpoints under a config that trains differently: refused in one line, before
+    # anything loads; a change to how often it saves is not a different run.
+    refused = launch(runs["crashed"], procs=1, launcher="python", check=False,
+                     extra=["--resume", "auto", "--set", "train.lr=2e-3", "--set", "checkpoint.save_every=3"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout, refused.stdout[-2000:]
+    assert "holds a run trained with another config (train.lr: 0.001 -> 0.002)" in refused.stdout
+
+
+def test_config_changes_name_each_setting_that_differs_except_where_and_how_often_a_run_writes(tmp_path):
+    saved = {"train": {"lr": 1e-3, "seed": 3}, "loss": {"temperature": 0.05}, "checkpoint": {"save_every": 2},
+             "logging": {"log_every": 1}}
+    same_math = {**saved, "checkpoint": {"save_every": 5}, "logging": {"log_every": 10}}
+    assert checkpoint.config_changes(saved, same_math) == []
+    other = {**saved, "train": {"lr": 2e-3, "seed": 3}, "loss": {"temperature": 0.02, "kind": "kl"}}
+    assert checkpoint.config_changes(saved, other) == ["loss.kind: None -> 'kl'", "loss.temperature: 0.05 -> 0.02",
+                                                       "train.lr: 0.001 -> 0.002"]
+    (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+    checkpoint.check_same_run(tmp_path, same_math)
+    with pytest.raises(ValueError, match=r"another config \(loss.kind.*train.lr: 0.001 -> 0.002\)"):
+        checkpoint.check_same_run(tmp_path, other)
+    checkpoint.check_same_run(tmp_path / "fresh", other)  # nothing saved: nothing to compare
+
 
 def test_hard_negatives_are_remined_in_training_and_a_killed_run_resumes_with_them(tiny_dir, tmp_path):
     """Conan re-mining on 2 processes: 16 records, each seen every 2 steps; as training makes

@@ -119,3 +119,39 @@ def load(engine, root: Path, tag: str, rank: int) -> int:
     else:
         logger.warning("%s has no RNG state for rank %d: dropout after the resume will differ", root / tag, rank)
     return int(client_state["step"])
+
+
+CONFIG_FILE = "train_config.json"  # the run's full config, beside its checkpoints
+# Sections that change where and how often a run writes, not what it computes.
+_RESUMABLE_CHANGES = ("checkpoint", "logging", "evaluation")
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs between two configs (nested dicts as
+    dotted keys), leaving out the sections a resumed run may change."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if not prefix and key in _RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, f"{name}.")
+        elif old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def check_same_run(output_dir: Path, current: dict) -> None:
+    """Refuse to resume a run's checkpoints under a config that trains differently: the
+    checkpoints' optimizer, schedule and data order belong to the saved config, and a silent
+    mix of the two would be neither run."""
+    saved_file = output_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    changes = config_changes(json.loads(saved_file.read_text()), json.loads(json.dumps(current)))
+    if changes:
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise ValueError(f"--resume: {output_dir} holds a run trained with another config ({'; '.join(changes[:3])}"
+                         f"{more}); resume it with its own config ({saved_file}), or train into another "
+                         "checkpoint.output_dir")

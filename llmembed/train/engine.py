@@ -78,7 +78,7 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
     accum = config.train.gradient_accumulation_steps
     run_log = RunLogger(run.output_dir, config.logging, rank, run.total_steps, run.start_step, asdict(config))
     if rank == 0:
-        (run.output_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+        (run.output_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
     batches = run.sampler.batches(run.start_step * accum)
     losses: list[float] = []
     meter = _Throughput(run.world_size)

@@ -15,7 +15,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,9 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     rank, world_size = init_distributed()
     # Rank 0 writes every file of the run; its lock is the run's.
     run_lock = lock_output_dir(Path(config.checkpoint.output_dir)) if rank == 0 else None
+    checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
+    if resume is not None and checkpoint.resume_candidates(checkpoints):  # before anything slow
+        checkpoint.check_same_run(Path(config.checkpoint.output_dir), asdict(config))
     opt = config.train
     seed_everything(opt.seed)
     datasets, report = load_datasets(config, skip_invalid)
@@ -331,7 +334,6 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     accum = opt.gradient_accumulation_steps
     total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * sampler.steps_per_epoch / accum))
     engine, scheduler = initialize_engine(model, config, ds_config, total_steps)
-    checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
     start_step = resume_step(engine, checkpoints, resume, rank)
     if refresher is not None and start_step > 0:
         refresher.load(checkpoints / f"{checkpoint.TAG_PREFIX}{start_step}")
