@@ -178,7 +178,8 @@ def test_resume_after_kill_replays_the_same_steps(tiny_dir, tmp_path):
 def test_config_changes_name_each_setting_that_differs_except_where_and_how_often_a_run_writes(tmp_path):
     saved = {"train": {"lr": 1e-3, "seed": 3}, "loss": {"temperature": 0.05}, "checkpoint": {"save_every": 2},
              "logging": {"log_every": 1}}
-    same_math = {**saved, "checkpoint": {"save_every": 5}, "logging": {"log_every": 10}}
+    same_math = {**saved, "checkpoint": {"save_every": 5}, "logging": {"log_every": 10},
+                 "train": {"lr": 1e-3, "seed": 3, "max_steps": 12}}  # a longer run: still a resume
     assert checkpoint.config_changes(saved, same_math) == []
     other = {**saved, "train": {"lr": 2e-3, "seed": 3}, "loss": {"temperature": 0.02, "kind": "kl"}}
     assert checkpoint.config_changes(saved, other) == ["loss.kind: None -> 'kl'", "loss.temperature: 0.05 -> 0.02",

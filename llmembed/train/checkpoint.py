@@ -124,6 +124,9 @@ def load(engine, root: Path, tag: str, rank: int) -> int:
 CONFIG_FILE = "train_config.json"  # the run's full config, beside its checkpoints
 # Sections that change where and how often a run writes, not what it computes.
 _RESUMABLE_CHANGES = ("checkpoint", "logging", "evaluation")
+# The run's length: stopping a run early or extending it is a resume (the LR schedule then
+# follows the new length from the resumed step on).
+_RESUMABLE_KEYS = ("train.max_steps", "train.epochs")
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -132,7 +135,7 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
     changes = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
-        if not prefix and key in _RESUMABLE_CHANGES:
+        if (not prefix and key in _RESUMABLE_CHANGES) or name in _RESUMABLE_KEYS:
             continue
         old, new = saved.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
