@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from llmembed.backbone import dtype_name, set_bidirectional
+from llmembed.folders import swap_into_place
 from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel
 from llmembed.serving import SERVING_FILE, ServingContract
@@ -89,7 +90,7 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
         os.replace(staging, rejected)
         raise ExportError(f"serving parity check failed ({report.summary()}); {out} was left as it was, the "
                           f"unverified export is in {rejected}")
-    _swap_into_place(staging, out)
+    swap_into_place(staging, out)
     logger.info("Exported %s -> %s", model_dir, out)
     return out
 
@@ -113,17 +114,6 @@ def _check_destination(model_dir: Path, out: Path, overwrite: bool) -> None:
         if not _looks_like_export(out):
             raise ExportError(f"{out} is not an llmembed export (no {SERVING_FILE} and modules.json); --overwrite "
                               "replaces only previous exports, never other folders")
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Two renames in one folder: the old export is moved aside before the new one takes its name."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: str, instruction: str | None,

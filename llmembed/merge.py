@@ -14,6 +14,12 @@ since a merged model serves one way.
 - ``slerp``: two inputs; each tensor is interpolated along the great circle between the two
   (Shoemake, 1985), at ``t = weights[1] / (weights[0] + weights[1])`` (default 0.5); nearly
   parallel tensors fall back to linear interpolation.
+- ``--scale L`` (linear only) scales the merged change from the shared pretrained backbone:
+  ``base + L * sum(weights[i] * (theta_i - base))``, task arithmetic's scaling coefficient
+  (Ilharco et al., 2023, arXiv 2212.04089). Averaging fine-tunes that moved in partly different
+  directions shortens the average move, and LoRA runs on a small budget stop short; ``L > 1``
+  walks further along it. With a scale, one input is enough (its own change is scaled).
+  Tensors the base has not (a latent-attention head) are averaged without scaling.
 
 The output is a model folder like the trainer's (full backbone, no adapter), which
 ``llmembed.export``, ``llmembed.evaluate`` and ``llmembed.verify`` (after export) take.
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +39,8 @@ from typing import Sequence
 import torch
 
 from llmembed.argtypes import float_in
+from llmembed.backbone import load_backbone
+from llmembed.folders import swap_into_place
 from llmembed.lora import is_peft_model
 from llmembed.model import CONFIG_FILE, EmbeddingModel
 
@@ -67,8 +74,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def merge_states(states: Sequence[dict[str, torch.Tensor]], method: str, weights: Sequence[float],
-                 names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The merged state dict; non-float tensors (buffers such as position ids) come from the first."""
+                 names: Sequence[str], base: dict[str, torch.Tensor] | None = None,
+                 scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The merged state dict; non-float tensors (buffers such as position ids) come from the first.
+
+    With ``base`` (the pretrained state under the same names), each float tensor it holds becomes
+    ``base + scale * (linear merge - base)``.
+    """
     first = states[0]
     for state, name in zip(states[1:], names[1:]):
         if state.keys() != first.keys():
@@ -85,13 +97,17 @@ def merge_states(states: Sequence[dict[str, torch.Tensor]], method: str, weights
         elif method == "slerp":
             merged[key] = slerp(tensor, states[1][key], weights[1]).to(tensor.dtype)
         else:
-            merged[key] = sum(w * s[key].float() for w, s in zip(weights, states)).to(tensor.dtype)
+            average = sum(w * s[key].float() for w, s in zip(weights, states))
+            if base is not None and key in base and base[key].shape == tensor.shape:
+                start = base[key].float()
+                average = start + scale * (average - start)
+            merged[key] = average.to(tensor.dtype)
     return merged
 
 
 def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear",
           weights: Sequence[float] | None = None, trust_remote_code: bool = False,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, scale: float = 1.0) -> Path:
     """Merge ``folders`` into the model folder ``out`` (see the module docstring).
 
     ``out`` must be absent or empty; ``overwrite`` also replaces a previous model folder (never
@@ -102,8 +118,12 @@ def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear"
     _check_destination(out, overwrite)
     if method not in METHODS:
         raise MergeError(f"method must be one of {METHODS}, got {method!r}")
-    if len(folders) < 2:
-        raise MergeError("give at least two model folders to merge")
+    if scale <= 0:
+        raise MergeError(f"scale must be > 0, got {scale}")
+    if scale != 1.0 and method != "linear":
+        raise MergeError(f"--scale applies to the linear method only, not {method}")
+    if len(folders) < (1 if scale != 1.0 else 2):
+        raise MergeError("give at least two model folders to merge (or one with --scale)")
     if method == "slerp" and len(folders) != 2:
         raise MergeError(f"slerp merges exactly two models, got {len(folders)}")
     weights = [1.0] * len(folders) if weights is None else list(weights)
@@ -124,19 +144,34 @@ def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear"
             fields = [f for f in vars(model.contract) if getattr(model.contract, f) != getattr(models[0].contract, f)]
             raise MergeError(f"{name}: serves differently from {names[0]} ({', '.join(fields)}); "
                              "merged models need one serving contract")
-    merged = merge_states([m.state_dict() for m in models], method, weights, names)
+    base = _base_state(models, names) if scale != 1.0 else None
+    merged = merge_states([m.state_dict() for m in models], method, weights, names, base, scale)
     target = models[0]
     target.load_state_dict(merged)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
         target.save(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
+        swap_into_place(staging, out)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+def _base_state(models: Sequence[EmbeddingModel], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The pretrained backbone every input started from, under the merged model's tensor names."""
+    source = models[0].config.backbone
+    for model, name in zip(models, names):
+        backbone = model.config.backbone
+        if Path(backbone.name_or_path).resolve() == Path(name).resolve():
+            raise MergeError(f"{name}: an export names itself as its backbone, so --scale has no base to measure "
+                             "from; merge the trained model folders instead")
+        if backbone.name_or_path != source.name_or_path:
+            raise MergeError(f"{name}: trained from {backbone.name_or_path!r}, {names[0]} from "
+                             f"{source.name_or_path!r}; --scale needs one base")
+    pretrained = load_backbone(replace(source, quantization=None))
+    return {f"backbone.{key}": tensor for key, tensor in pretrained.state_dict().items()}
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
@@ -154,17 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, default="linear")
     parser.add_argument("--weights", nargs="+", type=float_in(0.0, float("inf")),
                         help="one per model, normalised to sum to 1 (default: equal); slerp's t is the second's share")
+    parser.add_argument("--scale", type=float_in(0.0, low_open=True), default=1.0,
+                        help="linear only: scale the merged change from the pretrained backbone (task arithmetic; "
+                             "default 1, the plain average)")
     parser.add_argument("--out", required=True, help="the merged model folder (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out when it is a model folder")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        merge(args.models, out, args.method, args.weights, args.trust_remote_code, args.overwrite)
+        merge(args.models, out, args.method, args.weights, args.trust_remote_code, args.overwrite, args.scale)
     except MergeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"merged {len(args.models)} models ({args.method}) -> {out}")
+    scaled = f", change x{args.scale:g}" if args.scale != 1.0 else ""
+    print(f"merged {len(args.models)} models ({args.method}{scaled}) -> {out}")
     return 0
 
 

@@ -74,6 +74,42 @@ def test_linear_merge_is_the_weighted_mean_of_lora_merged_weights(runs, tmp_path
     assert not (tmp_path / "lin" / "adapter").exists() and (tmp_path / "lin" / "backbone").is_dir()
 
 
+def test_scale_walks_the_merged_change_from_the_pretrained_backbone(runs, tiny_llama_dir, tmp_path):
+    from llmembed.backbone import load_backbone
+    from llmembed.merge import _without_lora
+
+    one, two = (_without_lora(EmbeddingModel.load(f)).state_dict() for f in runs)
+    base = load_backbone(BackboneConfig(str(tiny_llama_dir), dtype="float32")).state_dict()
+    scaled = EmbeddingModel.load(merge(runs, tmp_path / "s", "linear", [1.0, 3.0], scale=1.5)).state_dict()
+    key = next(k for k in scaled if k.endswith("q_proj.weight"))
+    start = base[key[len("backbone."):]]
+    expected = start + 1.5 * (0.25 * one[key] + 0.75 * two[key] - start)
+    assert (one[key] - start).abs().max() > 1e-3  # the runs moved away from the base
+    assert torch.allclose(scaled[key], expected, atol=1e-6)
+    frozen = next(k for k in scaled if k.endswith("input_layernorm.weight"))  # LoRA left it alone
+    assert torch.equal(scaled[frozen], base[frozen[len("backbone."):]])
+    head = next(k for k in scaled if k.startswith("pooling."))  # no pretrained value: averaged only
+    assert torch.allclose(scaled[head], 0.25 * one[head] + 0.75 * two[head], atol=1e-6)
+    # One input: its own change is scaled; scale 2 puts the base halfway between model and merge.
+    single = EmbeddingModel.load(merge([runs[0]], tmp_path / "one", scale=2.0)).state_dict()
+    assert torch.allclose(single[key], 2 * one[key] - start, atol=1e-6)
+    with pytest.raises(MergeError, match="at least two"):
+        merge([runs[0]], tmp_path / "lone")
+    with pytest.raises(MergeError, match="linear method only"):
+        merge(runs, tmp_path / "sl", "slerp", scale=1.5)
+
+
+def test_scale_refuses_an_export_which_has_no_base(runs, tmp_path):
+    from llmembed.export import export
+
+    exported = export(runs[0], tmp_path / "export", verify=False)
+    with pytest.raises(MergeError, match="export names itself as its backbone"):
+        merge([exported], tmp_path / "x", scale=1.5)
+    run = subprocess.run([sys.executable, "-m", "llmembed.merge", str(runs[0]), "--scale", "0", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--scale" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_a_merged_model_exports_and_passes_verify(runs, tmp_path):
     from llmembed.export import export
 

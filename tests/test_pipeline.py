@@ -61,17 +61,18 @@ def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):
     pipeline = _pipeline()
     cpu = pipeline.settings_of(pipeline.parse([]))
     assert cpu == pipeline.PipelineSettings() and cpu.synth_languages == ["English"] and cpu.cross_encoder is None
-    assert cpu.seeds == [42, 7]
+    assert cpu.seeds == [42, 7] and cpu.merge_scale == 1.25
     gpu = pipeline.settings_of(pipeline.parse([
         "--procs", "8", "--train-config", str(REPO / "launch" / "configs" / "pipeline_gpu.yaml"),
         "--synth-backend", "vllm", "--generator", "Qwen/Qwen2.5-7B-Instruct", "--synth-arg=--tensor-parallel-size=8",
         "--synth-languages", "--teacher", "/m/bge", "--cross-encoder", "/m/reranker", "--ranks", "10:100",
-        "--seeds", "1"]))
+        "--seeds", "1", "--merge-scale", "1"]))
     assert gpu.procs == 8 and gpu.synth_backend == "vllm" and gpu.synth_languages == []
     assert gpu.synth_args == ["--tensor-parallel-size=8"] and gpu.cross_encoder == "/m/reranker"
     assert gpu.train_config.name == "pipeline_gpu.yaml" and gpu.ranks == "10:100" and gpu.seeds == [1]
+    assert gpu.merge_scale == 1.0
     for bad, named in ((["--train-config", str(tmp_path / "nope.yaml")], "nope.yaml"), (["--procs", "0"], "--procs"),
-                       (["--seeds", "7", "7"], "each seed once")):
+                       (["--seeds", "7", "7"], "each seed once"), (["--merge-scale", "0"], "--merge-scale")):
         with pytest.raises(SystemExit):
             pipeline.parse(bad)
         assert named in capsys.readouterr().err
