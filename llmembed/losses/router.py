@@ -62,6 +62,10 @@ class LossConfig:
     # tokenizers without one (LLM2Vec uses "_" for Llama and Mistral).
     mntp_probability: float = bounded(0.2, gt=0.0, lt=1.0)
     mntp_mask_token: str = "_"
+    # GradCache (llmembed.train.grad_cache): encode and back-propagate each micro-batch this
+    # many queries (with their passages) at a time, so activation memory stays that of a chunk
+    # while the loss and its gradient are those of the whole cross-device batch. null: off.
+    grad_cache_chunk: int | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -46,6 +46,10 @@ def build_ds_config(config: TrainConfig, world_size: int, bf16: bool) -> dict[st
     for key, value in fills.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
+    if config.loss.grad_cache_chunk is not None:
+        # GradCache back-propagates each chunk separately: every backward accumulates and our
+        # one engine.step() per optimizer step is the boundary (DeepSpeed's caller-owned mode).
+        ds["managed_gradient_accumulation"] = False
     for section, enabled in (("bf16", bf16), ("fp16", False)):
         if section in ds and ds[section].get("enabled") == "auto":
             ds[section]["enabled"] = enabled

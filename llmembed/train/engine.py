@@ -86,7 +86,7 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
     engine.train()
     for step in range(run.start_step + 1, run.total_steps + 1):
         lr = run.scheduler.get_last_lr()[0]  # the rate this step applies
-        stats = optimizer_step(engine, batches, run.collator, run.losses, accum)
+        stats = optimizer_step(engine, batches, run.collator, run.losses, accum, config.loss.grad_cache_chunk)
         meter.add(stats)
         losses.append(stats.loss)
         masking = config.loss.false_negative_margin is not None or config.loss.guided_masking

@@ -19,7 +19,9 @@ from torch import nn
 
 from llmembed.data.sampling import BatchRef
 from llmembed.distributed import all_reduce_mean
+from llmembed.losses.infonce import LossOutput
 from llmembed.losses.router import LossRouter, TeacherSignals
+from llmembed.train.grad_cache import cached_backward, split_chunks
 from llmembed.model import EmbeddingModel
 
 
@@ -130,9 +132,15 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[BatchRef], dict],
-                   losses: LossRouter, accumulation: int) -> StepStats:
+                   losses: LossRouter, accumulation: int, grad_cache_chunk: int | None = None) -> StepStats:
     """Run ``accumulation`` micro-batches through forward, loss and backward; DeepSpeed steps
-    the optimizer after the last one. Collective: every rank calls it once per step."""
+    the optimizer after the last one. Collective: every rank calls it once per step.
+
+    With ``grad_cache_chunk`` the pair batches are encoded and back-propagated that many
+    queries at a time (:mod:`~llmembed.train.grad_cache`): the engine runs with
+    ``managed_gradient_accumulation: false``, every chunk's backward accumulates, and the one
+    ``engine.step()`` after the last micro-batch reduces and updates.
+    """
     device = engine.device
     loss_sum = torch.zeros((), device=device)
     accuracy_sum = torch.zeros((), device=device)
@@ -144,29 +152,59 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         query = _to(batch["query"], device)
         if "labels" in batch:  # MNTP: a token-level loss over the texts' token states
             out = losses(batch["dataset"])(engine(query), batch["labels"].to(device))
+            engine.backward(out.loss)
+            padded += engine.module.processed_tokens
             real += int(query["attention_mask"].sum())
         else:
             passage = _to(batch["passage"], device)
-            q, p = engine(query, passage)
             scores = batch["scores"].to(device) if "scores" in batch else None
             teacher = None
             if "teacher_scores" in batch or "teacher_query" in batch:
                 scores_t, query_t, passage_t = (batch[k].to(device) if k in batch else None
                                                 for k in ("teacher_scores", "teacher_query", "teacher_passage"))
                 teacher = TeacherSignals(scores_t, query=query_t, passage=passage_t)
-            out = losses(batch["dataset"])(q, p, scores, teacher)
+            loss = losses(batch["dataset"])
+
+            def batch_loss(q: torch.Tensor, p: torch.Tensor) -> LossOutput:
+                return loss(q, p, scores, teacher)
+
+            if grad_cache_chunk is None:
+                q, p = engine(query, passage)
+                out = batch_loss(q, p)
+                engine.backward(out.loss)
+                padded += engine.module.processed_tokens
+            else:
+                out, q, p, tokens = _cached_step(engine, query, passage, grad_cache_chunk, batch_loss)
+                padded += tokens
             seen.append(negative_scores(ref, q, p))
             real += int(query["attention_mask"].sum() + passage["attention_mask"].sum())
-        engine.backward(out.loss)
-        engine.step()
+        if grad_cache_chunk is None:
+            engine.step()
         loss_sum += out.loss.detach() / accumulation
         accuracy_sum += out.accuracy / accumulation
         masked += out.masked
         samples += query["input_ids"].shape[0]
-        padded += engine.module.processed_tokens
+    if grad_cache_chunk is not None:
+        engine.step()  # the accumulation boundary: reduce what every backward accumulated, update
     # One all-reduce for both means (a collective every rank reaches at the same step).
     loss, accuracy = all_reduce_mean(torch.stack([loss_sum, accuracy_sum])).tolist()
     grad_norm = engine.get_global_grad_norm()
     return StepStats(loss, accuracy, float(grad_norm) if grad_norm is not None else float("nan"),
                      samples, padded, real, masked,
                      torch.cat(seen) if seen else torch.zeros(0, 3, dtype=torch.float64))
+
+
+def _cached_step(engine: Any, query: dict, passage: dict, chunk_size: int,
+                 batch_loss: Callable[[torch.Tensor, torch.Tensor], LossOutput],
+                 ) -> tuple[LossOutput, torch.Tensor, torch.Tensor, int]:
+    """GradCache on one micro-batch; also returns the padded tokens of one pass over it."""
+    tokens: list[int] = []
+
+    def encode(q: dict, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = engine(q, p)
+        tokens.append(engine.module.processed_tokens)
+        return embeddings
+
+    chunks = split_chunks(query, passage, chunk_size)
+    out, q, p = cached_backward(encode, chunks, batch_loss, engine.backward, engine.device)
+    return out, q, p, sum(tokens[:len(chunks)])
