@@ -21,8 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(batch: int, steps: int, procs: int, data: Path, work: Path, extra: list[str]) -> dict:
-    out = work / f"b{batch}"
+def run(batch: int, steps: int, procs: int, data: Path, work: Path, extra: list[str],
+        name: str | None = None) -> tuple[list[dict], float]:
+    """Train ``steps`` steps; returns the logged rows and the peak RSS (GiB) of the largest process."""
+    out = work / (name or f"b{batch}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
            str(REPO / "launch" / "train.py")] if procs > 1 else [sys.executable, str(REPO / "launch" / "train.py")]
     cmd += ["--config", str(REPO / "launch" / "configs" / "quickstart.yaml"),
@@ -30,9 +32,26 @@ def run(batch: int, steps: int, procs: int, data: Path, work: Path, extra: list[
             "--set", "checkpoint.save_every=0", "--set", f"train.max_steps={steps}",
             "--set", f"train.per_device_batch_size={batch}", "--set", "logging.progress_bar=false", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
-    return rows
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        # wait4: this child's own peak RSS (the largest of it and the processes it waited for).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            stderr.seek(0)
+            raise SystemExit(f"training failed ({' '.join(cmd)}):\n{stderr.read()[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return rows, usage.ru_maxrss / 2**20  # KiB -> GiB
+
+
+def rates(rows: list[dict]) -> tuple[float, float]:
+    """Samples/s and tokens/s between the end of warm-up (step 2) and the last step (the
+    logged rates are cumulative since training started)."""
+    first, last = rows[1], rows[-1]
+    span = last["elapsed_s"] - first["elapsed_s"]
+    samples = last["samples_per_s"] * last["elapsed_s"] - first["samples_per_s"] * first["elapsed_s"]
+    tokens = last["tokens_per_s"] * last["elapsed_s"] - first["tokens_per_s"] * first["elapsed_s"]
+    return samples / span, tokens / span
 
 
 def main() -> int:
@@ -49,14 +68,10 @@ def main() -> int:
                        check=True, stdout=subprocess.DEVNULL)
         print(f"{'batch/device':>12} {'procs':>5} {'steps':>5} {'samples/s':>10} {'tokens/s':>10} {'padding':>8}")
         for batch in args.batch_sizes:
-            rows = run(batch, args.steps, args.procs, work / "data" / "train.jsonl", work, extra)
-            # Cumulative counters: rates between the end of warm-up (step 2) and the last step.
-            first, last = rows[1], rows[-1]
-            span = last["elapsed_s"] - first["elapsed_s"]
-            samples = last["samples_per_s"] * last["elapsed_s"] - first["samples_per_s"] * first["elapsed_s"]
-            tokens = last["tokens_per_s"] * last["elapsed_s"] - first["tokens_per_s"] * first["elapsed_s"]
-            print(f"{batch:>12} {args.procs:>5} {len(rows):>5} {samples / span:>10.2f} "
-                  f"{tokens / span:>10.1f} {last['padding_share']:>8.1%}")
+            rows, _ = run(batch, args.steps, args.procs, work / "data" / "train.jsonl", work, extra)
+            samples, tokens = rates(rows)
+            print(f"{batch:>12} {args.procs:>5} {len(rows):>5} {samples:>10.2f} "
+                  f"{tokens:>10.1f} {rows[-1]['padding_share']:>8.1%}")
     return 0
 
 

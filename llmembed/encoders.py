@@ -12,7 +12,7 @@ Vectors come back L2-normalised float32, so inner product is cosine.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -72,6 +72,18 @@ class TextEncoder:
     query_prefix_of: Any = None  # instruction -> prompt text, for exports served through ST
     passage_prefix: str | None = None
     batch_size: int = 32
+    # Keep the first ``truncate_dim`` dimensions, re-normalised (a Matryoshka prefix); None: all.
+    truncate_dim: int | None = None
+
+    def truncated(self, dim: int) -> "TextEncoder":
+        """This encoder serving ``dim``-wide prefixes, named and fingerprinted apart."""
+        if not 1 <= dim <= self.full_dim:
+            raise EncoderError(f"{self.name}: --dim {dim} is outside its width 1..{self.full_dim}")
+        return replace(self, name=f"{self.name} @{dim}d", fingerprint=f"{self.fingerprint}:dim{dim}",
+                       truncate_dim=dim)
+
+    def _cut(self, vectors: np.ndarray) -> np.ndarray:
+        return vectors if self.truncate_dim is None else _normalise(vectors[:, :self.truncate_dim])
 
     @classmethod
     def of(cls, model: Any, name: str) -> "TextEncoder":
@@ -85,33 +97,37 @@ class TextEncoder:
     def encode_queries(self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None,
                        progress: bool = False) -> np.ndarray:
         if self.kind == "llmembed":
-            return _normalise(self.model.encode(list(texts), instruction, is_query=True, batch_size=self.batch_size,
-                                                show_progress_bar=progress))
+            return self._cut(_normalise(self.model.encode(list(texts), instruction, is_query=True,
+                                                          batch_size=self.batch_size, show_progress_bar=progress)))
         if self.query_prefix_of is None:
-            return self._st(texts, None, progress)
+            return self._cut(self._st(texts, None, progress))
         if instruction is None or isinstance(instruction, str):
-            return self._st(texts, self.query_prefix_of(instruction), progress)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+            return self._cut(self._st(texts, self.query_prefix_of(instruction), progress))
+        out = np.zeros((len(texts), self.full_dim), dtype=np.float32)
         for value in dict.fromkeys(instruction):  # one ST call per distinct instruction
             rows = [i for i, v in enumerate(instruction) if v == value]
             out[rows] = self._st([texts[i] for i in rows], self.query_prefix_of(value), progress)
-        return out
+        return self._cut(out)
 
     def encode_passages(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         if self.kind == "llmembed":
-            return _normalise(self.model.encode(list(texts), is_query=False, batch_size=self.batch_size,
-                                                show_progress_bar=progress))
-        return self._st(texts, self.passage_prefix, progress)
+            return self._cut(_normalise(self.model.encode(list(texts), is_query=False, batch_size=self.batch_size,
+                                                          show_progress_bar=progress)))
+        return self._cut(self._st(texts, self.passage_prefix, progress))
 
     def _st(self, texts: Sequence[str], prompt: str | None, progress: bool) -> np.ndarray:
         return _normalise(self.model.encode(list(texts), prompt=prompt, batch_size=self.batch_size,
                                             convert_to_numpy=True, show_progress_bar=progress))
 
     @property
-    def dim(self) -> int:
+    def full_dim(self) -> int:
         if self.kind == "llmembed":
             return int(self.model.contract.output_dim or self.model.embedding_dim)
         return int(self.model.get_embedding_dimension())
+
+    @property
+    def dim(self) -> int:
+        return self.truncate_dim or self.full_dim
 
 
 def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: bool = False,

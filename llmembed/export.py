@@ -227,11 +227,15 @@ def _write_max_seq_length(out: Path, max_length: int) -> None:
 
 
 def _check_config(out: Path, contract: ServingContract) -> None:
-    """``is_causal`` must be written explicitly: vLLM and transformers read it from here."""
+    """``is_causal`` must be written explicitly: vLLM and transformers read it from here; so
+    must the Matryoshka widths, without which vLLM refuses requests for ``dimensions``."""
     saved = json.loads((out / "config.json").read_text())
-    if saved.get("is_causal") is contract.is_causal:
+    wanted = {"is_causal": contract.is_causal}
+    if contract.matryoshka_dims:
+        wanted["matryoshka_dimensions"] = sorted(contract.matryoshka_dims)
+    if all(saved.get(key) == value and type(saved.get(key)) is type(value) for key, value in wanted.items()):
         return
-    saved["is_causal"] = contract.is_causal
+    saved.update(wanted)
     (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
@@ -258,6 +262,14 @@ def model_card(name: str, contract: ServingContract, dtype: str) -> str:
         f"`truncate_dim={contract.output_dim}` to `SentenceTransformer(...)` and `dimensions={contract.output_dim}` "
         "to vLLM requests.\n" if contract.output_dim else ""
     )
+    if contract.matryoshka_dims:
+        widths = ", ".join(map(str, sorted(contract.matryoshka_dims)))
+        smallest = min(contract.matryoshka_dims)
+        truncation += (
+            f"\nTrained with a Matryoshka loss at widths {widths}: a prefix of one of those widths is a usable "
+            f"embedding. Ask for one with `SentenceTransformer(..., truncate_dim={smallest})`, "
+            f"`dimensions={smallest}` in vLLM requests (`matryoshka_dimensions` in `config.json`), or "
+            f"`encode(..., dim={smallest})` in llmembed.\n")
     normalised = "L2-normalised" if contract.normalize else "unnormalised"
     # Say the dtype: vLLM's "auto" runs an fp32 checkpoint in fp16 on CPU.
     served_dtype = dtype_name(DTYPES[dtype])

@@ -63,6 +63,9 @@ class EmbeddingModelConfig:
     normalize: bool = True
     # Keep the first ``output_dim`` dimensions (Matryoshka); None keeps all.
     output_dim: int | None = bounded(None, ge=1)
+    # The prefix widths the model was trained to serve (Matryoshka); the trainer sets them
+    # from loss.matryoshka_dims, and the export tells sentence-transformers and vLLM.
+    matryoshka_dims: list[int] | None = None
     # Append EOS to every text; None means "only for last_token pooling".
     append_eos: bool | None = None
     # The serving length: the longest input encode, sentence-transformers and vLLM embed.
@@ -91,7 +94,7 @@ class EmbeddingModelConfig:
         lora = from_dict(LoraSettings, build["lora"], prefix="lora") if build.get("lora") is not None else None
         return cls(backbone=backbone, pooling=contract.pooling, prompts=contract.prompts, lora=lora,
                    normalize=contract.normalize, output_dim=contract.output_dim, append_eos=contract.append_eos,
-                   max_length=contract.max_length)
+                   max_length=contract.max_length, matryoshka_dims=contract.matryoshka_dims)
 
 
 def _refuse_remote_code(folder: Path, parts: list[Path], trust_remote_code: bool) -> None:
@@ -119,6 +122,9 @@ class EmbeddingModel(nn.Module):
         self.text_tokenizer = EmbeddingTokenizer(tokenizer, self.contract)
         if self.contract.output_dim is not None and self.contract.output_dim > pooling.output_dim:
             raise ValueError(f"output_dim={self.contract.output_dim} exceeds the pooled width {pooling.output_dim}")
+        if self.contract.matryoshka_dims and max(self.contract.matryoshka_dims) > self.embedding_dim:
+            raise ValueError(f"matryoshka_dims {self.contract.matryoshka_dims} exceed the embedding width "
+                             f"{self.embedding_dim}")
         positions = getattr(self.base_model.config, "max_position_embeddings", None)
         if positions is not None and self.contract.max_length > positions:
             raise ValueError(f"max_length={self.contract.max_length} exceeds the backbone's "
@@ -292,10 +298,13 @@ class EmbeddingModel(nn.Module):
         show_progress_bar: bool | None = None,
         normalize: bool | None = None,
         convert_to_numpy: bool = True,
+        dim: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed ``texts``. Passing ``instruction`` (or ``is_query=True``, which uses the
         default instruction) formats them as queries; otherwise as passages. Texts longer than
         the serving length (``contract.max_length``, or ``max_length``) are cut, keeping EOS.
+        ``dim`` keeps the first ``dim`` dimensions (then normalises, when the model does): the
+        Matryoshka prefixes the model was trained for are in ``contract.matryoshka_dims``.
 
         Texts are processed longest first so batches carry little padding; results come
         back in input order as float32.
@@ -303,8 +312,11 @@ class EmbeddingModel(nn.Module):
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list")
         texts = list(texts)
+        if dim is not None and not 1 <= dim <= self.embedding_dim:
+            raise ValueError(f"dim={dim}: choose 1 to {self.embedding_dim}, the model's width")
+        width = dim or self.embedding_dim
         if not texts:
-            return np.zeros((0, self.embedding_dim), dtype=np.float32) if convert_to_numpy else torch.zeros(0, self.embedding_dim)
+            return np.zeros((0, width), dtype=np.float32) if convert_to_numpy else torch.zeros(0, width)
         is_query = instruction is not None if is_query is None else is_query
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         if show_progress_bar is None:
@@ -322,7 +334,13 @@ class EmbeddingModel(nn.Module):
                     instruction[i] for i in rows]
                 batch = self.tokenize([texts[i] for i in rows], batch_instruction, is_query, max_length)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                chunks.append(self(**batch, normalize=normalize).float().cpu())
+                if dim is None:
+                    chunks.append(self(**batch, normalize=normalize).float().cpu())
+                else:
+                    prefix = self(**batch, normalize=False)[:, :dim].float()
+                    if self.contract.normalize if normalize is None else normalize:
+                        prefix = nn.functional.normalize(prefix, p=2, dim=-1)
+                    chunks.append(prefix.cpu())
         finally:
             self.train(was_training)
         sorted_embeddings = torch.cat(chunks)

@@ -41,6 +41,9 @@ class ServingContract:
     normalize: bool = True
     # Keep the first ``output_dim`` dimensions before normalising (Matryoshka); None keeps all.
     output_dim: int | None = None
+    # Prefix widths trained with the Matryoshka loss (each a usable embedding once truncated
+    # and normalised); None: the model was not trained for truncation.
+    matryoshka_dims: list[int] | None = None
     append_eos: bool = True
     padding_side: str = "left"
     max_length: int = 512
@@ -53,6 +56,9 @@ class ServingContract:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.output_dim is not None and self.output_dim < 1:
             raise ValueError(f"output_dim must be >= 1, got {self.output_dim}")
+        if self.matryoshka_dims is not None and (not self.matryoshka_dims or min(self.matryoshka_dims) < 1
+                                                 or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims)):
+            raise ValueError(f"matryoshka_dims must be distinct widths >= 1, got {self.matryoshka_dims}")
 
     @classmethod
     def from_config(cls, config: "EmbeddingModelConfig") -> "ServingContract":
@@ -64,6 +70,7 @@ class ServingContract:
             prompts=config.prompts,
             normalize=config.normalize,
             output_dim=config.output_dim,
+            matryoshka_dims=list(config.matryoshka_dims) if config.matryoshka_dims else None,
             append_eos=last_token if config.append_eos is None else config.append_eos,
             # Decoder convention for last-token pooling; our pooling gives the same vectors
             # under either side, and the export's tokenizer carries this one.

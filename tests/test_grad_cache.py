@@ -104,3 +104,21 @@ def test_the_global_rng_ends_where_the_first_pass_left_it(tiny_llama_dir):
     expected = torch.rand(3)
     _cached(encoder, query, passage, chunk=4, seed=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cosent_through_the_cache_equals_the_plain_step(tiny_llama_dir):
+    from llmembed.losses.cosent import CoSENTLoss
+
+    encoder = _encoder(tiny_llama_dir, dropout=0.0, checkpointing=False)
+    query = encoder.model.tokenize(QUERIES, is_query=True)
+    passage = encoder.model.tokenize(PASSAGES[::2])  # one passage per query, graded
+    scores = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 0.5, 4.5])
+    cosent = CoSENTLoss(scale=20.0)
+    q, p = encoder(query, passage)
+    loss = cosent(q, p, scores).loss
+    loss.backward()
+    plain = _grads(encoder)
+    out, _, _ = cached_backward(lambda a, b: encoder(a, b), split_chunks(query, passage, 2),
+                                lambda q, p: cosent(q, p, scores), lambda s: s.backward(), torch.device("cpu"))
+    assert abs(float(out.loss - loss.detach())) <= 1e-6
+    assert _max_relative_error(_grads(encoder), plain) <= 1e-5

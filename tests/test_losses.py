@@ -276,3 +276,33 @@ def test_similarity_structure_loss_is_the_mse_of_cosine_matrices_of_any_widths()
     assert SimilarityStructureLoss("kl", 0.05, 0.05)(q, p, own).abs().item() < 1e-6
     with pytest.raises(ValueError, match="structure_kind"):
         LossConfig(structure_kind="l1")
+
+
+def test_matryoshka_sums_each_prefix_loss_on_renormalised_prefixes_as_written_out():
+    from llmembed.data.collate import LoadedDataset
+
+    datasets = [LoadedDataset("pairs", [], None, True, 2, "infonce"), LoadedDataset("sts", [], None, True, 1, "cosent")]
+    config = LossConfig(temperature=0.05, matryoshka_dims=[8, 2, 4], matryoshka_weights=[1.0, 0.5, 0.25])
+    router = LossRouter(datasets, config)
+    torch.manual_seed(4)
+    q, p = _unit(3, 8), _unit(6, 8)
+
+    def infonce_at(d):
+        qd, pd = F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1)
+        scores = qd @ pd.T / 0.05
+        return sum(-torch.log_softmax(scores[i], 0)[2 * i] for i in range(3)) / 3
+
+    manual = 1.0 * infonce_at(8) + 0.5 * infonce_at(2) + 0.25 * infonce_at(4)
+    out = router(0)(q, p)
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    assert out.loss.item() > infonce_at(8).item() + 0.1  # the prefixes really add their terms
+    scores, p1 = torch.tensor([3.0, 1.0, 2.0]), _unit(3, 8)
+    cosent = CoSENTLoss()
+    manual = sum(w * cosent(F.normalize(q[:, :d], dim=-1), F.normalize(p1[:, :d], dim=-1), scores).loss
+                 for d, w in ((8, 1.0), (2, 0.5), (4, 0.25)))
+    assert torch.allclose(router(1)(q, p1, scores).loss, manual, atol=1e-5)
+    for bad, message in (({"matryoshka_dims": [4, 4]}, "distinct"),
+                         ({"matryoshka_weights": [1.0]}, "needs matryoshka_dims"),
+                         ({"matryoshka_dims": [4, 2], "matryoshka_weights": [1.0]}, "one weight per width")):
+        with pytest.raises(ValueError, match=message):
+            LossConfig(**bad)

@@ -219,3 +219,29 @@ def test_mntp_then_simcse_stages_adapt_a_bidirectional_model_and_causal_mntp_is_
     run = launch(causal, launcher="python", check=False)
     assert run.returncode == 2 and "set model.backbone.bidirectional: true" in run.stdout
     assert "Traceback" not in run.stdout
+
+
+def test_grad_cache_with_structure_distillation_and_matryoshka_equals_the_plain_step(tiny_dir, tmp_path):
+    """GradCache (chunks of 3 of 8 queries) under the live teacher's listwise KL and a Matryoshka
+    loss: step by step the plain step's losses and gradient norms; the trained widths land in
+    the saved model's serving contract."""
+    from llmembed.encoders import reference_model_dir
+    from llmembed.model import EmbeddingModel
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 40)
+    runs = {}
+    for name, chunk in (("plain", None), ("cached", 3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        loss = {"teacher_model": str(reference_model_dir()), "structure_weight": 3.0, "structure_kind": "kl",
+                "teacher_temperature": 0.05, "matryoshka_dims": [16, 64], "grad_cache_chunk": chunk}
+        config = write_config(folder, tiny_dir, [data], loss=loss, train={"max_steps": 3, "per_device_batch_size": 8})
+        launch(config, launcher="python")
+        runs[name] = metrics(folder / "run")
+    assert [m["step"] for m in runs["cached"]] == [1, 2, 3]
+    for a, b in zip(runs["cached"], runs["plain"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * b["grad_norm"]
+    assert EmbeddingModel.load(tmp_path / "cached" / "run" / "final").contract.matryoshka_dims == [16, 64]
+    bad = write_config(tmp_path, tiny_dir, [data], loss={"matryoshka_dims": [16, 128]}, train={"max_steps": 1})
+    run = launch(bad, launcher="python", check=False)
+    assert run.returncode == 2 and "exceed the embedding width 64" in run.stdout and "Traceback" not in run.stdout

@@ -15,6 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from llmembed.argtypes import int_at_least
 from llmembed.data import DataError, read_jsonl
 from llmembed.encoders import BACKENDS, EncoderError, TextEncoder, describe, load_encoder, reference_model_dir
 from llmembed.evaluate import runner
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true", help="add the untrained configuration of trained folders")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="how to load our exports: llmembed (default) or sentence-transformers")
+    parser.add_argument("--dim", type=int_at_least(1),
+                        help="score every model on the first DIM dimensions of its vectors, re-normalised "
+                             "(Matryoshka prefixes)")
     parser.add_argument("--json", help="write every score here")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose backbone or tokenizer runs code from its own files")
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_encoder(reference_model_dir()) if args.reference else None
         if reference is not None:
             encoders.insert(0, reference)
+        if args.dim is not None:
+            encoders = [e.truncated(args.dim) for e in encoders]
         rows, models = {}, {}
         for encoder in encoders:
             name = encoder.name if encoder.name not in rows else f"{encoder.name} ({len(rows)})"

@@ -22,6 +22,7 @@ from llmembed.losses.cosent import CoSENTLoss
 from llmembed.losses.distill import KLDistillLoss
 from llmembed.losses.structure import SimilarityStructureLoss
 from llmembed.losses.infonce import InfoNCELoss, LossOutput
+from llmembed.losses.matryoshka import MatryoshkaLoss
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmembed.data.collate import LoadedDataset
@@ -66,6 +67,11 @@ class LossConfig:
     # many queries (with their passages) at a time, so activation memory stays that of a chunk
     # while the loss and its gradient are those of the whole cross-device batch. null: off.
     grad_cache_chunk: int | None = bounded(None, ge=1)
+    # Matryoshka: every pair loss is also taken on these prefix widths of the embeddings
+    # (re-normalised) and summed with matryoshka_weights (default 1 each); include the full
+    # width to train it too. The trained widths are saved in the model's serving contract.
+    matryoshka_dims: list[int] | None = None
+    matryoshka_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -75,6 +81,14 @@ class LossConfig:
             raise ValueError("structure_weight > 0 needs teacher_model (a sentence-transformers folder)")
         if self.guided_masking and not self.teacher_model:
             raise ValueError("guided_masking needs teacher_model (a sentence-transformers folder) as the guide")
+        dims = self.matryoshka_dims
+        if dims is not None and (not dims or min(dims) < 1 or len(set(dims)) != len(dims)):
+            raise ValueError(f"matryoshka_dims must be distinct widths >= 1, got {dims}")
+        if self.matryoshka_weights is not None:
+            if dims is None or len(self.matryoshka_weights) != len(dims):
+                raise ValueError("matryoshka_weights needs matryoshka_dims, one weight per width")
+            if min(self.matryoshka_weights) < 0 or sum(self.matryoshka_weights) <= 0:
+                raise ValueError(f"matryoshka_weights must be >= 0 with a positive sum, got {self.matryoshka_weights}")
 
 
 @dataclass
@@ -134,7 +148,9 @@ class LossRouter:
     ``mntp_head`` (:class:`~llmembed.losses.mntp.MNTPHead`) scores MNTP datasets."""
 
     def __init__(self, datasets: Sequence[LoadedDataset], config: LossConfig,
-                 mntp_head: torch.nn.Module | None = None) -> None:
+                 mntp_head: torch.nn.Module | None = None, normalized: bool = True) -> None:
+        """``normalized``: the model's embeddings are unit vectors (Matryoshka prefixes are then
+        re-normalised too)."""
         self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
                                    config.false_negative_margin)
         self.cosent = CoSENTLoss(config.cosent_scale, config.cross_device_negatives)
@@ -148,8 +164,21 @@ class LossRouter:
         self.structure_weight = config.structure_weight
         self.guided_masking = config.guided_masking
         self.mntp_head = mntp_head
+        self.matryoshka = (MatryoshkaLoss(config.matryoshka_dims, config.matryoshka_weights, normalized)
+                           if config.matryoshka_dims else None)
         self.names = [ds.loss for ds in datasets]
-        self._losses = [self._bind(ds) for ds in datasets]
+        self._losses = [self._with_matryoshka(ds, self._bind(ds)) for ds in datasets]
+
+    def _with_matryoshka(self, ds: LoadedDataset, bound: DatasetLoss | TokenLoss) -> DatasetLoss | TokenLoss:
+        matryoshka = self.matryoshka
+        if matryoshka is None or ds.loss in ("mntp",):
+            return bound
+
+        def run_matryoshka(queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                           teacher: TeacherSignals | None = None) -> LossOutput:
+            return matryoshka(bound, queries, passages, scores, teacher)
+
+        return run_matryoshka
 
     def _bind(self, ds: LoadedDataset) -> DatasetLoss | TokenLoss:
         if ds.loss == "infonce":

@@ -15,7 +15,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from llmembed.data.readers import ReadReport, read_jsonl
 from llmembed.data.schema import is_plain_text
 from llmembed.data.sampling import HomogeneousBatchSampler
 from llmembed.losses.router import LossRouter, choose_loss
-from llmembed.model import EmbeddingModel
+from llmembed.model import EmbeddingModel, EmbeddingModelConfig
 from llmembed import runlock
 from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
@@ -137,6 +137,17 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
     return loaded, report
 
 
+def _with_trained_widths(config: TrainConfig) -> EmbeddingModelConfig:
+    """The model config, with the Matryoshka widths the loss trains recorded for serving."""
+    dims, model_config = config.loss.matryoshka_dims, config.model
+    if not dims:
+        return model_config
+    if model_config.matryoshka_dims and sorted(model_config.matryoshka_dims) != sorted(dims):
+        raise ValueError(f"model.matryoshka_dims {model_config.matryoshka_dims} differ from loss.matryoshka_dims "
+                         f"{dims}; set loss.matryoshka_dims only (the trainer records it in the model)")
+    return replace(model_config, matryoshka_dims=sorted(dims))
+
+
 def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[EmbeddingModel, Any]:
     """The model, loaded partitioned under ZeRO-3; also returns transformers' DeepSpeed hook
     (None below ZeRO-3), which must outlive the model's use."""
@@ -148,7 +159,7 @@ def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[Embeddi
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
-    model = EmbeddingModel.build(config.model, gradient_checkpointing=config.train.gradient_checkpointing)
+    model = EmbeddingModel.build(_with_trained_widths(config), gradient_checkpointing=config.train.gradient_checkpointing)
     if config.train.init_from is not None:
         if hf_ds is not None:
             raise ValueError("train.init_from (and stages after the first) runs with ZeRO-2 for now: its weights "
@@ -338,4 +349,5 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     if refresher is not None and start_step > 0:
         refresher.load(checkpoints / f"{checkpoint.TAG_PREFIX}{start_step}")
     return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
-                      LossRouter(datasets, config.loss, mntp_head.to(engine.device) if mntp_head is not None else None), total_steps, start_step, refresher, hf_ds, run_lock)
+                      LossRouter(datasets, config.loss, mntp_head.to(engine.device) if mntp_head is not None else None,
+                                 model.contract.normalize), total_steps, start_step, refresher, hf_ds, run_lock)

@@ -1,0 +1,75 @@
+"""Matryoshka widths: recorded in the serving contract, served by encode(dim=...), written into
+the export for sentence-transformers' truncate_dim and vLLM's dimensions, and scored by
+``llmembed.evaluate --dim``. The loss itself is checked in test_losses.py, training in
+test_train_cli.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
+from llmembed.export import export
+
+from .conftest import perturb_trained_weights
+
+TEXTS = ["what is the capital of France?", "Paris is the capital of France.", "Photosynthesis makes sugar."]
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    config = EmbeddingModelConfig(backbone=BackboneConfig(str(tiny_llama_dir), dtype="float32"),
+                                  pooling=PoolingConfig("mean"), lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                                  matryoshka_dims=[16, 128])
+    model = EmbeddingModel.build(config)
+    perturb_trained_weights(model, seed=5)
+    folder = tmp_path_factory.mktemp("matryoshka") / "model"
+    model.save(folder)
+    return folder
+
+
+def test_encode_dim_is_the_renormalised_prefix_and_the_widths_survive_save_and_load(trained):
+    model = EmbeddingModel.load(trained)
+    assert model.contract.matryoshka_dims == [16, 128]
+    full = model.encode(TEXTS, normalize=False)
+    cut = model.encode(TEXTS, dim=16)
+    expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    assert cut.shape == (3, 16) and np.abs(cut - expected).max() < 1e-6
+    with pytest.raises(ValueError, match="dim=129: choose 1 to 128"):
+        model.encode(TEXTS, dim=129)
+    with pytest.raises(ValueError, match="exceed the embedding width"):
+        EmbeddingModel.build(EmbeddingModelConfig(backbone=model.config.backbone, matryoshka_dims=[16, 256]))
+
+
+def test_export_tells_sentence_transformers_and_vllm_the_widths(trained, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    out = export(trained, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["matryoshka_dimensions"] == [16, 128]
+    assert "truncate_dim=16" in (out / "README.md").read_text()
+    ours = EmbeddingModel.load(trained).encode(TEXTS, dim=16)
+    served = SentenceTransformer(str(out), device="cpu", truncate_dim=16).encode(TEXTS)
+    assert served.shape == (3, 16) and _cos(served, ours).min() >= 0.9999
+    reloaded = EmbeddingModel.load(out)  # an export reads its widths back from the contract
+    assert reloaded.contract.matryoshka_dims == [16, 128]
+
+
+def test_evaluate_dim_scores_prefixes_under_their_own_name(trained, tmp_path):
+    from llmembed.encoders import EncoderError, load_encoder
+
+    encoder = load_encoder(trained)
+    cut = encoder.truncated(16)
+    assert cut.name.endswith("@16d") and cut.fingerprint != encoder.fingerprint and cut.dim == 16
+    queries = cut.encode_queries(TEXTS[:1], "Retrieve the answer")
+    full = encoder.encode_queries(TEXTS[:1], "Retrieve the answer")
+    assert queries.shape == (1, 16)
+    assert np.allclose(queries, full[:, :16] / np.linalg.norm(full[:, :16]), atol=1e-6)
+    with pytest.raises(EncoderError, match="outside its width"):
+        encoder.truncated(500)
