@@ -68,6 +68,10 @@ class EmbeddingTokenizer:
             self._prefix_cache[prefix] = len(ids)
         return self._prefix_cache[prefix]
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each raw text, without prompts or special tokens (for grouping by length)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
     def token_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids of already-formatted texts, EOS handled, each at most ``max_length``
         (default: the contract's serving length) long."""

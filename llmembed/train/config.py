@@ -67,6 +67,12 @@ class DataConfig:
     # (each query then meets ranks x (group_size - 1) of them); CoSENT (STS) batches keep
     # distinct rows per rank, so they are ranks x larger.
     balanced_ranks: bool = False
+    # Batches of records of similar length (llmembed.data.sampling): each pass is shuffled,
+    # cut into windows of length_window batches, sorted by length within a window, and the
+    # batches shuffled again. Cuts padding (chatterbot answers run 2 to 260 tokens) at the
+    # price of in-batch negatives of similar length.
+    group_by_length: bool = False
+    length_window: int = bounded(32, ge=1)
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -94,8 +94,11 @@ def _loop(run: TrainSetup) -> tuple[list[float], dict[str, float]]:
         if run.refresher is not None:
             extra.update(_remine(run, step, stats, meter))
         if step % config.logging.log_every == 0 or step == run.total_steps or extra.get("remined"):
+            # padding_share: since training started; step_padding_share: this step (this rank).
             run_log.log(step, {"loss": stats.loss, "accuracy": stats.accuracy, "lr": lr,
-                               "grad_norm": stats.grad_norm, **extra, **meter.metrics()})
+                               "grad_norm": stats.grad_norm,
+                               "step_padding_share": 1.0 - stats.real_tokens / max(stats.padded_tokens, 1),
+                               **extra, **meter.metrics()})
         if evaluator.due(step, run.total_steps):
             paused = time.perf_counter()
             evaluator.run(step, engine, run.model, run_log)

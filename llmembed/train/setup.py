@@ -26,7 +26,7 @@ from llmembed.backbone import resolve_dtype
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset, MNTPMasking, teacher_scores
 from llmembed.data.readers import ReadReport, read_jsonl
 from llmembed.data.schema import is_plain_text
-from llmembed.data.sampling import HomogeneousBatchSampler
+from llmembed.data.sampling import HomogeneousBatchSampler, record_lengths
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel, EmbeddingModelConfig
 from llmembed import runlock
@@ -339,6 +339,9 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         rank=rank,
         world_size=world_size,
         shared=[d.shared_queries for d in datasets],
+        lengths=[record_lengths(d.records, model.text_tokenizer.count_tokens, config.data.passage_max_length,
+                                config.data.query_max_length) for d in datasets] if config.data.group_by_length else None,
+        window=config.data.length_window,
     )
     # Before DeepSpeed starts, like every data check (a corpus too small for the rank window).
     refresher = HardNegativeRefresher(config.remine, datasets) if config.remine.enabled else None
