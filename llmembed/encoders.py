@@ -163,6 +163,10 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
     if ours:  # an export served through sentence-transformers: our prompt format as its prompts
         contract = ServingContract.load(folder)
         prefix_of, passage_prefix = contract.query_prefix, contract.passage_prefix()
+    elif model.prompts.get("query"):  # a model that names its own query prompt (E5, BGE, ...)
+        query_prompt = model.prompts["query"]
+        prefix_of = lambda instruction: query_prompt  # noqa: E731 (its one prompt, whatever the task)
+        passage_prefix = model.prompts.get("document") or model.prompts.get("passage") or None
     return TextEncoder(_name(folder), folder_fingerprint(folder), model, "sentence-transformers", prefix_of,
                        passage_prefix, batch_size=batch_size)
 

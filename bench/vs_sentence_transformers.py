@@ -1,0 +1,217 @@
+"""Our trainer side by side with sentence-transformers' on the same work, on this machine's CPU.
+
+    .venv/bin/python bench/vs_sentence_transformers.py [--steps 24] [--rounds 2] [--batch 8]
+
+Same model (the built-in default SmolLM2-135M-Instruct with LoRA r16, mean pooling, normalised),
+same data (the packaged chatterbot training pairs: question -> answer, in-batch negatives),
+same batch size, the same 64-token cut, the same E5-style instruction on queries, the same
+temperature (scale 20), learning rate and schedule, the same number of steps, one process.
+Runs, each a fresh process, are interleaved (ours, ours ungrouped, ST MNRL, ST cached MNRL;
+then again) so machine noise hits all of them.
+
+Reported per run: samples/s and tokens/s after the first two steps, the share of processed
+tokens that were padding, the process's peak RSS; per setup, the offline suite's scores of the
+first round's model. Writes a markdown table (``--out``, default
+``bench/results/vs_sentence_transformers.md``) and, with matplotlib installed, a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import REPO, rates, run  # noqa: E402
+
+INSTRUCTION = "Given a question, retrieve the answer to it"
+QUERY_PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # our query template with that instruction
+MAX_LENGTH = 64
+LR = 5e-4
+SETUPS = ("ours", "ours, no length grouping", "ST MNRL", "ST CachedMNRL")
+
+
+def ours_overrides(grouped: bool) -> list[str]:
+    settings = [
+        "model.pooling.kind=mean", "model.lora={r: 16, alpha: 32, dropout: 0.0}",
+        f"data.query_max_length={MAX_LENGTH}", f"data.passage_max_length={MAX_LENGTH}",
+        "loss.temperature=0.05", f"train.lr={LR}", "train.warmup_ratio=0.1", "train.schedule=linear",
+        f"data.group_by_length={str(grouped).lower()}", f"train.length_buckets={2 if grouped else 1}",
+    ]
+    return [x for s in settings for x in ("--set", s)]
+
+
+def train_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> None:
+    """One sentence-transformers run (in this process); writes ``out/metrics.json``."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MultipleNegativesRankingLoss)
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import TrainerCallback
+
+    from llmembed.resolve import resolve_model_path
+
+    torch.manual_seed(42)
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    dataset = Dataset.from_dict({"anchor": [r["query"] for r in rows],
+                                 "positive": [r["positive"] if isinstance(r["positive"], str) else r["positive"][0]
+                                              for r in rows]})
+    transformer = Transformer(resolve_model_path("default"), max_seq_length=MAX_LENGTH)
+    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"),
+                                         Normalize()], device="cpu", prompts={"query": QUERY_PROMPT})
+    model.add_adapter(LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"]))
+    loss = (CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=max(1, batch // 2)) if cached
+            else MultipleNegativesRankingLoss(model, scale=20.0))
+    counts = {"padded": 0, "real": 0}
+
+    def counting(texts, *args, **kwargs):  # the tokens each batch really runs
+        features = model.preprocess(texts, *args, **kwargs)
+        mask = features["attention_mask"]
+        counts["padded"] += mask.numel()
+        counts["real"] += int(mask.sum())
+        return features
+
+    marks: list[tuple[int, float, int, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((state.global_step, time.perf_counter(), counts["padded"], counts["real"]))
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
+        warmup_steps=0.1, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to=[],
+        prompts={"anchor": QUERY_PROMPT}, dataloader_drop_last=True, seed=42, use_cpu=True,
+        disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Clock()],
+        data_collator=SentenceTransformerDataCollator(preprocess_fn=counting, prompts=args.prompts))
+    trainer.train()
+    model.save(str(out / "final"))
+    (_, t0, p0, r0), (_, t1, p1, r1) = marks[1], marks[-1]
+    samples = (marks[-1][0] - marks[1][0]) * batch
+    (out / "metrics.json").write_text(json.dumps({
+        "samples_per_s": samples / (t1 - t0), "tokens_per_s": (p1 - p0) / (t1 - t0),
+        "padding_share": 1 - (r1 - r0) / max(p1 - p0, 1)}))
+
+
+def run_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> tuple[dict, float]:
+    """``train_st`` in a fresh process; returns its metrics and peak RSS (GiB)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--st-run", str(data), str(out), str(steps), str(batch), str(int(cached))]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            stderr.seek(0)
+            raise SystemExit(f"sentence-transformers run failed:\n{stderr.read()[-3000:]}")
+    return json.loads((out / "metrics.json").read_text()), usage.ru_maxrss / 2**20
+
+
+def suite_scores(folder: Path, json_out: Path) -> dict[str, float]:
+    subprocess.run([sys.executable, "-m", "llmembed.evaluate", "--model", str(folder), "--suite", "offline",
+                    "--json", str(json_out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    scores = json.loads(json_out.read_text())["scores"]
+    (row,) = scores.values()
+    return {task: next(iter(values.values())) for task, values in row.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-quality", action="store_true", help="skip the offline-suite scores")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_sentence_transformers.md")
+    parser.add_argument("--st-run", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.st_run:
+        data, out, steps, batch, cached = args.st_run
+        train_st(Path(data), Path(out), int(steps), int(batch), cached == "1")
+        return 0
+    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in SETUPS}
+    finals: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="llmembed-bench-") as tmp:
+        work = Path(tmp)
+        subprocess.run([sys.executable, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(work / "data")],
+                       check=True, stdout=subprocess.DEVNULL)
+        data = work / "data" / "train.jsonl"
+        for round_ in range(args.rounds):
+            for setup in SETUPS:
+                name = f"r{round_}-{SETUPS.index(setup)}"
+                if setup.startswith("ours"):
+                    extra = ours_overrides(grouped=setup == "ours") + ["--set", f"train.per_device_batch_size={args.batch}"]
+                    rows, peak = run(args.batch, args.steps, 1, data, work, extra, name)
+                    samples, tokens = rates(rows)
+                    padding = rows[-1]["padding_share"]  # every step's processed tokens
+                    final = work / name / "final"
+                else:
+                    metrics, peak = run_st(data, work / name, args.steps, args.batch, setup == "ST CachedMNRL")
+                    samples, tokens, padding = metrics["samples_per_s"], metrics["tokens_per_s"], metrics["padding_share"]
+                    final = work / name / "final"
+                results[setup].append((samples, tokens, padding, peak))
+                finals.setdefault(setup, final)
+                print(f"round {round_ + 1}: {setup:<26} {samples:6.2f} samples/s {tokens:8.1f} tokens/s "
+                      f"padding {padding:5.1%} peak RSS {peak:5.2f} GiB", flush=True)
+        quality = {} if args.no_quality else {s: suite_scores(finals[s], work / f"scores-{i}.json")
+                                              for i, s in enumerate(SETUPS)}
+    write_report(args, results, quality)
+    return 0
+
+
+def write_report(args, results, quality) -> None:
+    mnrl = statistics.mean(r[0] for r in results["ST MNRL"])
+    tasks = sorted({t for scores in quality.values() for t in scores})
+    head = "| setup | samples/s | tokens/s | padding | peak RSS GiB | vs ST MNRL |" + "".join(f" {t} |" for t in tasks)
+    lines = [f"Same work on {os.cpu_count()} CPU cores, one process: built-in default + LoRA r16, mean pooling, "
+             f"packaged chatterbot pairs, batch {args.batch}, {MAX_LENGTH}-token cut, E5 instruction on queries, "
+             f"scale 20, lr {LR}, {args.steps} steps; rates after step 2; {args.rounds} interleaved rounds (each "
+             "value listed); suite scores of the first round's models.", "", head,
+             "|" + "---|" * (6 + len(tasks))]
+    for setup, values in results.items():
+        speed = statistics.mean(v[0] for v in values)
+        row = (f"| {setup} | {' / '.join(f'{v[0]:.2f}' for v in values)} | "
+               f"{' / '.join(f'{v[1]:.0f}' for v in values)} | {statistics.mean(v[2] for v in values):.1%} | "
+               f"{max(v[3] for v in values):.2f} | {speed / mnrl:.2f}x |")
+        row += "".join(f" {quality[setup][t]:.4f} |" for t in tasks) if quality else ""
+        lines.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(results)
+    ax.barh(names, [statistics.mean(v[0] for v in results[n]) for n in names])
+    for i, n in enumerate(names):
+        for v in results[n]:
+            ax.plot(v[0], i, "k.")
+    ax.set(xlabel="samples/s (bar: mean; dots: rounds)", title="training throughput, same work, CPU")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    print(f"plot: {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
