@@ -101,3 +101,25 @@ def test_an_export_scores_the_same_through_sentence_transformers(tiny_llama_dir,
                   served.encode_queries(texts, [instruction, None, instruction])),
                  (ours.encode_passages(texts), served.encode_passages(texts))):
         assert (a * b).sum(axis=1).min() > 0.9999
+
+
+def test_a_sentence_transformers_folder_gets_its_own_query_prompt(tiny_llama_dir, tmp_path):
+    """A model that names a "query" prompt (as E5 or BGE do) is scored with it on queries and
+    its "document" prompt on passages, the way its authors serve it."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    from llmembed.encoders import load_encoder
+
+    transformer = Transformer(str(tiny_llama_dir), max_seq_length=32)
+    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"),
+                                         Normalize()], device="cpu",
+                                prompts={"query": "query: ", "document": "passage: "})
+    model.save(str(tmp_path / "st"))
+    encoder = load_encoder(tmp_path / "st")
+    texts = ["how tall is the tower?"]
+    got_q, got_p = encoder.encode_queries(texts, "any task"), encoder.encode_passages(texts)
+    assert np.allclose(got_q, model.encode(texts, prompt_name="query"), atol=1e-5)
+    assert np.allclose(got_p, model.encode(texts, prompt_name="document"), atol=1e-5)
+    assert not np.allclose(got_q, model.encode(texts), atol=1e-3)
