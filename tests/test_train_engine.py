@@ -439,3 +439,22 @@ def test_evaluation_during_zero3_training_logs_keeps_the_best_and_changes_nothin
     events.Reload()
     assert [e.step for e in events.Scalars("eval/ChatterbotRetrieval.en/ndcg_at_10")] == [2, 4, 6]
     assert not (runs["plain"] / "eval.jsonl").exists()
+
+
+def test_a_grad_cache_run_resumed_from_a_checkpoint_replays_the_same_steps(tiny_dir, tmp_path):
+    """GradCache with LoRA dropout on 2 processes: a run stopped after its step-3 checkpoint and
+    resumed to step 6 logs the uninterrupted run's losses (the RNG the chunks replay comes back
+    with the checkpoint)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 64)
+    runs = {}
+    for name, steps in (("straight", 6), ("stopped", 4)):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_dir, [data], model={"lora": {"r": 4, "dropout": 0.1}},
+                                  loss={"grad_cache_chunk": 3}, train={"max_steps": steps, "schedule": "constant"},
+                                  checkpoint={"output_dir": str(tmp_path / name / "run"), "save_every": 3})
+        launch(runs[name], procs=2)
+    launch(runs["stopped"], procs=2, extra=["--resume", "auto", "--set", "train.max_steps=6"])
+    straight, resumed = metrics(tmp_path / "straight" / "run"), metrics(tmp_path / "stopped" / "run")
+    assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, straight, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (resumed, straight)
