@@ -30,8 +30,11 @@ class Range:
     lt: float | None = None
 
     def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (each item of a list), or None."""
         if value is None:
             return None
+        if isinstance(value, (list, tuple)):
+            return next((p for p in map(self.problem, value) if p), None)
         for bound, fails, words in ((self.ge, lambda b: value < b, ">="), (self.gt, lambda b: value <= b, ">"),
                                     (self.le, lambda b: value > b, "<="), (self.lt, lambda b: value >= b, "<")):
             if bound is not None and fails(bound):

@@ -65,7 +65,7 @@ class EmbeddingModelConfig:
     output_dim: int | None = bounded(None, ge=1)
     # The prefix widths the model was trained to serve (Matryoshka); the trainer sets them
     # from loss.matryoshka_dims, and the export tells sentence-transformers and vLLM.
-    matryoshka_dims: list[int] | None = None
+    matryoshka_dims: list[int] | None = bounded(None, ge=1)
     # Append EOS to every text; None means "only for last_token pooling".
     append_eos: bool | None = None
     # The serving length: the longest input encode, sentence-transformers and vLLM embed.

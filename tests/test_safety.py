@@ -112,6 +112,7 @@ def test_every_numeric_setting_declares_and_enforces_its_range():
     for key, f in settings:
         bounds = f.metadata["range"]
         is_int = "int" in str(f.type)
+        is_list = "list[" in str(f.type)  # a list setting: each item is checked
         outside = []
         if bounds.ge is not None:
             outside.append(bounds.ge - 1 if is_int else bounds.ge - 0.5)
@@ -130,7 +131,7 @@ def test_every_numeric_setting_declares_and_enforces_its_range():
                 if key.startswith("model.lora."):
                     override = f"model.lora={{{key.rsplit('.', 1)[1]}: {value}}}"
                 else:
-                    override = f"{key}={value}"
+                    override = f"{key}=[{value}]" if is_list else f"{key}={value}"
                 expected = rf"{key.replace('.', '[.]')}: must be"
             with pytest.raises(ConfigError, match=expected):
                 load_config(None, [override])

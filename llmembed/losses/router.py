@@ -70,8 +70,8 @@ class LossConfig:
     # Matryoshka: every pair loss is also taken on these prefix widths of the embeddings
     # (re-normalised) and summed with matryoshka_weights (default 1 each); include the full
     # width to train it too. The trained widths are saved in the model's serving contract.
-    matryoshka_dims: list[int] | None = None
-    matryoshka_weights: list[float] | None = None
+    matryoshka_dims: list[int] | None = bounded(None, ge=1)
+    matryoshka_weights: list[float] | None = bounded(None, ge=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
