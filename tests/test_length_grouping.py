@@ -89,10 +89,10 @@ def _padding(config_path: str, data, overrides: list[str]) -> tuple[float, float
     return 1 - real / padded, 1 - real / bucketed
 
 
-def test_a_quickstart_epoch_is_at_most_a_tenth_padding(chatterbot):
+def test_grouping_and_buckets_bring_a_quickstart_epoch_to_at_most_a_tenth_padding(chatterbot):
     config = "launch/configs/quickstart.yaml"
-    plain, _ = _padding(config, chatterbot, ["data.group_by_length=false", "train.length_buckets=1"])
-    grouped, shipped = _padding(config, chatterbot, [])  # the shipped quickstart: grouped and bucketed
+    plain, bucketed = _padding(config, chatterbot, ["data.group_by_length=false", "train.length_buckets=2"])
+    grouped, both = _padding(config, chatterbot, ["data.group_by_length=true", "train.length_buckets=2"])
     assert plain > 0.4  # the starting point: 39-53% of every batch
-    assert grouped < plain / 2
-    assert shipped <= 0.10, (plain, grouped, shipped)
+    assert bucketed < 0.2 and grouped < plain / 2
+    assert both <= 0.10, (plain, bucketed, grouped, both)
