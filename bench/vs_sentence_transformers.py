@@ -34,15 +34,15 @@ INSTRUCTION = "Given a question, retrieve the answer to it"
 QUERY_PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # our query template with that instruction
 MAX_LENGTH = 64
 LR = 5e-4
-SETUPS = ("ours", "ours, no length grouping", "ST MNRL", "ST CachedMNRL")
+SETUPS = ("ours", "ours, 2 length buckets only", "ours, no length grouping", "ST MNRL", "ST CachedMNRL")
 
 
-def ours_overrides(grouped: bool) -> list[str]:
+def ours_overrides(grouped: bool, buckets: int) -> list[str]:
     settings = [
         "model.pooling.kind=mean", "model.lora={r: 16, alpha: 32, dropout: 0.0}",
         f"data.query_max_length={MAX_LENGTH}", f"data.passage_max_length={MAX_LENGTH}",
         "loss.temperature=0.05", f"train.lr={LR}", "train.warmup_ratio=0.1", "train.schedule=linear",
-        f"data.group_by_length={str(grouped).lower()}", f"train.length_buckets={2 if grouped else 1}",
+        f"data.group_by_length={str(grouped).lower()}", f"train.length_buckets={buckets}",
     ]
     return [x for s in settings for x in ("--set", s)]
 
@@ -154,7 +154,7 @@ def main() -> int:
             for setup in SETUPS:
                 name = f"r{round_}-{SETUPS.index(setup)}"
                 if setup.startswith("ours"):
-                    extra = ours_overrides(grouped=setup == "ours") + ["--set", f"train.per_device_batch_size={args.batch}"]
+                    extra = ours_overrides(setup == "ours", 1 if "no length" in setup else 2) + ["--set", f"train.per_device_batch_size={args.batch}"]
                     rows, peak = run(args.batch, args.steps, 1, data, work, extra, name)
                     samples, tokens = rates(rows)
                     padding = rows[-1]["padding_share"]  # every step's processed tokens
