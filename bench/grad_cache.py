@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import REPO, rates, run  # noqa: E402
+from train_throughput import REPO, rates, run, write_table  # noqa: E402
 
 
 def main() -> int:
@@ -61,16 +61,8 @@ def main() -> int:
     for mode in modes:
         growth = max(p for _, p in results[(last, mode)]) / max(p for _, p in results[(first, mode)])
         lines.append(f"\n{mode}: peak RSS at batch {last} is {growth:.2f}x that at batch {first}.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = write_table(args.out, lines)
+    if plt is None:
         return 0
     fig, (memory, speed) = plt.subplots(1, 2, figsize=(9, 3.5))
     for mode in modes:

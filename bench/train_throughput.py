@@ -44,6 +44,23 @@ def run(batch: int, steps: int, procs: int, data: Path, work: Path, extra: list[
     return rows, usage.ru_maxrss / 2**20  # KiB -> GiB
 
 
+def write_table(out: Path, lines: list[str]):
+    """Write and print a bench's markdown table; returns matplotlib's pyplot for its plot, or
+    None (with a message) where matplotlib is not installed (``pip install -e .[bench]``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e .[bench])")
+        return None
+    return plt
+
+
 def rates(rows: list[dict]) -> tuple[float, float]:
     """Samples/s and tokens/s between the end of warm-up (step 2) and the last step (the
     logged rates are cumulative since training started)."""

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import REPO, rates, run  # noqa: E402
+from train_throughput import REPO, rates, run, write_table  # noqa: E402
 
 INSTRUCTION = "Given a question, retrieve the answer to it"
 QUERY_PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # our query template with that instruction
@@ -189,16 +189,8 @@ def write_report(args, results, quality) -> None:
                f"{max(v[3] for v in values):.2f} | {speed / mnrl:.2f}x |")
         row += "".join(f" {quality[setup][t]:.4f} |" for t in tasks) if quality else ""
         lines.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = write_table(args.out, lines)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(results)
