@@ -122,3 +122,22 @@ def test_cosent_through_the_cache_equals_the_plain_step(tiny_llama_dir):
                                 lambda q, p: cosent(q, p, scores), lambda s: s.backward(), torch.device("cpu"))
     assert abs(float(out.loss - loss.detach())) <= 1e-6
     assert _max_relative_error(_grads(encoder), plain) <= 1e-5
+
+
+def test_the_last_chunk_is_encoded_once_so_one_chunk_costs_the_plain_step(tiny_llama_dir):
+    encoder = _encoder(tiny_llama_dir, dropout=0.1, checkpointing=False)
+    query, passage = _batch(encoder.model)
+    for chunk, chunks in ((3, 3), (7, 1)):
+        calls: list[bool] = []  # whether each encode built a graph
+
+        def encode(a, b):
+            calls.append(torch.is_grad_enabled())
+            return encoder(a, b)
+
+        torch.manual_seed(3)
+        cached_backward(encode, split_chunks(query, passage, chunk), lambda q, p: LOSS(q, p, 2),
+                        lambda s: s.backward(), torch.device("cpu"))
+        encoder.zero_grad(set_to_none=True)
+        # chunks - 1 encodes without a graph, the last one with its graph kept, then the first
+        # chunks - 1 again with graphs: 2 * chunks - 1 forwards instead of 2 * chunks.
+        assert calls == [False] * (chunks - 1) + [True] * chunks, chunk

@@ -14,6 +14,11 @@ GradCache splits the encoder's work instead:
    same masks), and back-propagate ``sum(embedding * cached gradient)``, whose gradient with
    respect to the weights is the chunk's exact share of the full loss's gradient.
 
+The last chunk is encoded with its graph already in step 1 and kept: its step-3 backward uses
+that graph instead of encoding it again, so a batch of ``n`` chunks costs ``n - 1`` extra
+forward passes, not ``n`` (one chunk costs exactly the plain step), while at most one chunk's
+graph is alive at any time, as before.
+
 Step 3's backward passes are ordinary backward calls on the encoder, one per chunk. Under
 DeepSpeed they go through ``engine.backward`` with ``managed_gradient_accumulation: false``,
 so the engine accumulates them like micro-batches and the caller's one ``engine.step()`` is the
@@ -78,13 +83,17 @@ def cached_backward(encode: Encode, chunks: list[Chunk], loss_of: Callable[[torc
     chunk's surrogate, e.g. ``engine.backward``; whatever scaling the caller wants (gradient
     accumulation) it applies there. The global RNG ends where the first pass left it.
     """
+    *replayed, last = chunks
     states, queries, passages = [], [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in replayed:
             states.append(_rng_state(device))
             q, p = encode(chunk.query, chunk.passage)
             queries.append(q)
             passages.append(p)
+    last_query, last_passage = encode(last.query, last.passage)  # its graph serves step 3
+    queries.append(last_query.detach())
+    passages.append(last_passage.detach())
     after_first_pass = _rng_state(device)
     query_leaf = torch.cat(queries).detach().requires_grad_()
     passage_leaf = torch.cat(passages).detach().requires_grad_()
@@ -92,14 +101,21 @@ def cached_backward(encode: Encode, chunks: list[Chunk], loss_of: Callable[[torc
     query_grad, passage_grad = torch.autograd.grad(out.loss, [query_leaf, passage_leaf], allow_unused=True)
     query_grad = torch.zeros_like(query_leaf) if query_grad is None else query_grad
     passage_grad = torch.zeros_like(passage_leaf) if passage_grad is None else passage_grad
+
+    def surrogate(q: torch.Tensor, p: torch.Tensor, q_start: int, p_start: int) -> torch.Tensor:
+        """``sum(embedding * cached gradient)`` over the rows this chunk produced."""
+        q_grad = query_grad[q_start:q_start + q.shape[0]]
+        p_grad = passage_grad[p_start:p_start + p.shape[0]]
+        return (q.float() * q_grad.float()).sum() + (p.float() * p_grad.float()).sum()
+
+    backward(surrogate(last_query, last_passage, query_leaf.shape[0] - last_query.shape[0],
+                       passage_leaf.shape[0] - last_passage.shape[0]))
+    del last_query, last_passage  # the kept graph is freed before the next one is built
     q_start = p_start = 0
-    for chunk, state in zip(chunks, states):
+    for chunk, state in zip(replayed, states):
         _set_rng_state(state, device)
         q, p = encode(chunk.query, chunk.passage)
-        q_stop, p_stop = q_start + q.shape[0], p_start + p.shape[0]
-        surrogate = ((q.float() * query_grad[q_start:q_stop].float()).sum()
-                     + (p.float() * passage_grad[p_start:p_stop].float()).sum())
-        backward(surrogate)
-        q_start, p_start = q_stop, p_stop
+        backward(surrogate(q, p, q_start, p_start))
+        q_start, p_start = q_start + q.shape[0], p_start + p.shape[0]
     _set_rng_state(after_first_pass, device)
     return replace(out, loss=out.loss.detach()), query_leaf.detach(), passage_leaf.detach()
