@@ -39,6 +39,7 @@ from llmembed.backbone import (
 )
 from llmembed.config import ConfigError, bounded, check_ranges, from_dict
 from llmembed.lora import LoraSettings, apply_lora, is_peft_model, load_lora
+from llmembed.packing import pack
 from llmembed.pooling import Pooling, PoolingConfig, build_pooling
 from llmembed.prompts import PromptConfig
 from llmembed.serving import SERVING_FILE, ServingContract
@@ -266,10 +267,21 @@ class EmbeddingModel(nn.Module):
         return self.text_tokenizer(texts, instruction, is_query=is_query, max_length=max_length)
 
     # ------------------------------------------------------------------ forward / encode
-    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The backbone's last hidden states, one per token (what pooling and MNTP read)."""
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     pack_tokens: int | None = None) -> torch.Tensor:
+        """The backbone's last hidden states, one per token (what pooling and MNTP read).
+
+        With ``pack_tokens`` the real tokens run packed, without padding, in rows of at most
+        that many tokens (:mod:`llmembed.packing`); the states come back in the padded layout."""
+        if pack_tokens is None:
+            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+        if self.bidirectional:
+            raise ValueError("pack_tokens needs causal attention: transformers' bidirectional mask does not read "
+                             "packed position_ids, so packed texts would attend to each other")
+        packed = pack(input_ids, attention_mask, pack_tokens, self.tokenizer.pad_token_id or 0)
+        outputs = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        return packed.unpack(outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0])
 
     def forward(
         self,
@@ -277,8 +289,9 @@ class EmbeddingModel(nn.Module):
         attention_mask: torch.Tensor,
         prompt_lengths: torch.Tensor | None = None,
         normalize: bool | None = None,
+        pack_tokens: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.token_states(input_ids, attention_mask)
+        hidden = self.token_states(input_ids, attention_mask, pack_tokens)
         embeddings = self.pooling(hidden, attention_mask, prompt_lengths)
         if self.contract.output_dim is not None:
             embeddings = embeddings[:, : self.contract.output_dim]

@@ -15,6 +15,11 @@ emoji, surrounding whitespace, an instruction-formatted query) is embedded by:
 Each path is compared with the reference text by text: cosine and token count. A path fails
 when any cosine is below 0.9999 (both sides fp32) or 0.999 (bf16/fp16 involved), or when its
 token counts differ (an EOS lost, a prompt applied twice). The exit status is 1 on any failure.
+
+A Matryoshka export (``matryoshka_dims`` in the contract) is checked at each listed width below
+the full one as well, through each server's own truncation: sentence-transformers'
+``truncate_dim`` and vLLM's ``dimensions`` pooling parameter, against the prefix of the
+reference vector (rows such as ``vllm @64d``).
 """
 
 from __future__ import annotations
@@ -201,21 +206,26 @@ def _check_trusted_modules(export_dir: Path) -> bool:
     return any(m["type"].startswith("llmembed.") for m in modules)
 
 
-def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: list[Probe]):
+def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: list[Probe], widths: list[int]):
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(export_dir), device="cpu", trust_remote_code=_check_trusted_modules(export_dir))
     vectors, tokens = [], []
+    cut: dict[int, list[np.ndarray]] = {width: [] for width in widths}
     for probe in probes:
         prefix = contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()
         vectors.append(st.encode([probe.text], prompt=prefix, convert_to_numpy=True))
+        for width in widths:
+            cut[width].append(st.encode([probe.text], prompt=prefix, convert_to_numpy=True, truncate_dim=width))
         ids = st.tokenizer(prefix + probe.text, truncation=True, max_length=st.max_seq_length)["input_ids"]
         tokens.append(len(ids))
-    return np.concatenate(vectors).astype(np.float32), tokens, str(st[0].model.dtype)
+    by_width = {width: np.concatenate(parts).astype(np.float32) for width, parts in cut.items()}
+    return np.concatenate(vectors).astype(np.float32), tokens, str(st[0].model.dtype), by_width
 
 
-def _transformers(export_dir: Path, contract: ServingContract, probes: list[Probe]):
-    """What a user writes from the model card: plain tokenizer call, forward, pool by hand."""
+def _transformers(export_dir: Path, contract: ServingContract, probes: list[Probe], widths: list[int]):
+    """What a user writes from the model card: plain tokenizer call, forward, pool by hand
+    (a Matryoshka width is a slice by hand too, so it gets no rows of its own)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -242,7 +252,7 @@ def _transformers(export_dir: Path, contract: ServingContract, probes: list[Prob
             vector = vector[: contract.output_dim]
         vectors.append(vector.numpy()[None])
         tokens.append(int(enc["input_ids"].shape[1]))
-    return np.concatenate(vectors), tokens, str(model.dtype)
+    return np.concatenate(vectors), tokens, str(model.dtype), {}
 
 
 def vllm_interpreter(python: str) -> str:
@@ -254,7 +264,8 @@ def vllm_interpreter(python: str) -> str:
     return str(Path(found).absolute())
 
 
-def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], python: str, timeout: float):
+def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], widths: list[int], python: str,
+          timeout: float):
     python = vllm_interpreter(python)
     export_dir = export_dir.absolute()
     with tempfile.TemporaryDirectory(prefix="llmembed-verify-") as tmp:
@@ -267,7 +278,8 @@ def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], pyth
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env.update(VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"), TMPDIR=str(tmp_path))
         # The export's own dtype: vLLM's "auto" runs an fp32 export in fp16 on CPU.
-        cmd = [python, str(WORKER), str(export_dir), str(inputs), str(outputs), "--dtype", _export_dtype(export_dir)]
+        cmd = [python, str(WORKER), str(export_dir), str(inputs), str(outputs), "--dtype", _export_dtype(export_dir),
+               "--dimensions", ",".join(map(str, widths))]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
@@ -285,7 +297,8 @@ def _vllm(export_dir: Path, contract: ServingContract, probes: list[Probe], pyth
         served = json.loads(outputs.read_text())
     if served["is_causal"] is not None and served["is_causal"] is not contract.is_causal:
         raise RuntimeError(f"vLLM read is_causal={served['is_causal']}, the contract says {contract.is_causal}")
-    return np.asarray(served["embeddings"], dtype=np.float32), served["token_counts"], served["dtype"]
+    by_width = {int(w): np.asarray(v, dtype=np.float32) for w, v in served.get("by_dimensions", {}).items()}
+    return np.asarray(served["embeddings"], dtype=np.float32), served["token_counts"], served["dtype"], by_width
 
 
 # ---------------------------------------------------------------------- entry points
@@ -304,13 +317,15 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
     probes = probe_set(contract, lambda text: len(reference.tokenizer(text)["input_ids"]))
     ref_vectors, ref_tokens = _encode_reference(reference, probes, contract)
     export_low = _low_precision(_export_dtype(export_dir))
+    # The Matryoshka widths a server truncates to itself; the full width is the plain check.
+    widths = sorted(w for w in contract.matryoshka_dims or [] if w < ref_vectors.shape[1])
 
-    runs = [("sentence-transformers", lambda: _sentence_transformers(export_dir, contract, probes))]
+    runs = [("sentence-transformers", lambda: _sentence_transformers(export_dir, contract, probes, widths))]
     if contract.pooling.kind == "latent_attention":
         runs.append(("transformers", None))
     else:
-        runs.append(("transformers", lambda: _transformers(export_dir, contract, probes)))
-    runs.append(("vllm", (lambda: _vllm(export_dir, contract, probes, vllm_python, vllm_timeout))
+        runs.append(("transformers", lambda: _transformers(export_dir, contract, probes, widths)))
+    runs.append(("vllm", (lambda: _vllm(export_dir, contract, probes, widths, vllm_python, vllm_timeout))
                  if vllm_python else None))
 
     results = []
@@ -327,12 +342,20 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
             result.skipped = contract.vllm_unsupported()
             continue
         try:
-            vectors, tokens, dtype = run()
+            vectors, tokens, dtype, by_width = run()
         except Exception as err:  # a path that cannot even load is a finding, reported in one line
             result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
             continue
         result.threshold = LOW_PRECISION_MIN_COS if (export_low or _low_precision(dtype)) else FP32_MIN_COS
         _compare(result, probes, ref_vectors, ref_tokens, vectors, tokens)
+        for width in widths if by_width else []:
+            cut = PathResult(f"{name} @{width}d", threshold=result.threshold)
+            results.append(cut)
+            if width not in by_width:
+                cut.error = f"no vectors at width {width}"
+                continue
+            # Cosine ignores scale: the reference prefix needs no re-normalising.
+            _compare(cut, probes, ref_vectors[:, :width], ref_tokens, by_width[width], tokens)
     return VerifyReport(export_dir, probes, ref_tokens, results)
 
 

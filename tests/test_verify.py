@@ -82,3 +82,21 @@ def test_export_without_eos_in_its_tokenizer_fails_naming_paths_and_texts(export
 def test_not_an_export_is_one_line(tmp_path):
     run = _run_verify(tmp_path)
     assert run.returncode == 2 and run.stderr.startswith("error:") and "Traceback" not in run.stderr
+
+
+def test_a_matryoshka_export_is_checked_at_each_width_through_sentence_transformers_truncate_dim(
+        tiny_llama_dir, tmp_path):
+    model = trained_model(tiny_llama_dir, "mean", False, matryoshka_dims=[16, 64, 128])
+    model.save(tmp_path / "trained")
+    out = export(tmp_path / "trained", tmp_path / "export", verify=False)
+    report = verify(out)
+    print(report.table())
+    assert report.ok, report.summary()
+    paths = {p.path: p for p in report.paths}
+    # Widths below the full 128 get rows of their own; the plain slice by hand (transformers) does not.
+    assert [p for p in paths if "@" in p] == ["sentence-transformers @16d", "sentence-transformers @64d"]
+    for width in (16, 64):
+        cut = paths[f"sentence-transformers @{width}d"]
+        # _compare refuses vectors of another shape than the reference's prefix: these are cut.
+        assert cut.error is None and min(cut.cosines) >= 0.9999 and cut.token_counts == report.reference_tokens
+    assert "vllm @16d" not in paths  # no --vllm-python: the vLLM rows come with the vLLM path

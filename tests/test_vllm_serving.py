@@ -43,11 +43,19 @@ def report_max_length(report) -> int:
 def test_vllm_embeds_like_our_encode(tiny_llama_dir, tmp_path, kind, bidirectional):
     python = vllm_python()
     # Serving length 128: the 8-sentence probe fits, the long probes run past it.
-    model = trained_model(tiny_llama_dir, kind, bidirectional, max_length=128)
+    # Mean pooling carries Matryoshka widths: vLLM's own `dimensions` must cut like encode(dim=...).
+    widths = [16, 64, 128] if kind == "mean" else None
+    model = trained_model(tiny_llama_dir, kind, bidirectional, max_length=128, matryoshka_dims=widths)
     model.save(tmp_path / "trained")
     # bf16, as GPUs serve it (fp32 is served in the default-backbone test below).
     out = export(tmp_path / "trained", tmp_path / "export", dtype="bf16", verify=False)
-    _check(verify(out, vllm_python=python, reference=model), 0.999)
+    report = verify(out, vllm_python=python, reference=model)
+    _check(report, 0.999)
+    cuts = {p.path: p for p in report.paths if "@" in p.path}
+    assert sorted(cuts) == (["sentence-transformers @16d", "sentence-transformers @64d", "vllm @16d", "vllm @64d"]
+                            if widths else [])
+    for cut in cuts.values():
+        assert cut.error is None and min(cut.cosines) >= 0.999 and cut.token_counts == report.reference_tokens
 
 
 def test_vllm_serves_the_default_backbone_export(tmp_path):

@@ -99,12 +99,21 @@ class OptimConfig:
     # the same embeddings, less padding (worth it on CPUs; on GPUs with ZeRO-3 each pass
     # gathers the weights again). 1: one padded pass.
     length_buckets: int = bounded(1, ge=1, le=16)
+    # Padding-free forwards (llmembed.packing): each side's real tokens packed into rows of at
+    # most this many tokens, told apart by restarting position_ids. With flash-attention 2 no
+    # padding is computed at all (set it to the micro-batch's tokens); on sdpa/eager the rows
+    # get a block mask whose attention cost grows with the row, so keep it to a few hundred.
+    # Causal attention only; replaces length_buckets. None: padded forwards.
+    pack_tokens: int | None = bounded(None, ge=1)
     deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         check_ranges(self)
+        if self.pack_tokens is not None and self.length_buckets > 1:
+            raise ValueError(f"pack_tokens={self.pack_tokens} leaves no padding to bucket: set length_buckets: 1 "
+                             f"(got {self.length_buckets})")
 
 
 @dataclass

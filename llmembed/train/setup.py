@@ -222,7 +222,7 @@ def initialize_engine(model: EmbeddingModel, config: TrainConfig, ds_config: dic
     from llmembed.train.safe_load import use_weights_only_loading
 
     opt = config.train
-    wrapper = PairEncoder(model, config.train.length_buckets)
+    wrapper = PairEncoder(model, config.train.length_buckets, config.train.pack_tokens)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters")

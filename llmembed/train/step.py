@@ -23,6 +23,7 @@ from llmembed.losses.infonce import LossOutput
 from llmembed.losses.router import LossRouter, TeacherSignals
 from llmembed.train.grad_cache import cached_backward, split_chunks
 from llmembed.model import EmbeddingModel
+from llmembed.packing import packed_size
 
 
 def length_buckets(lengths: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
@@ -63,13 +64,18 @@ class PairEncoder(nn.Module):
     gathers each layer's weights once per micro-batch for both.
 
     With ``length_buckets > 1`` each side is encoded in up to that many passes over rows of
-    similar length (see :func:`length_buckets`); the embeddings come back in batch order.
-    ``processed_tokens`` counts the padded tokens the passes really ran."""
+    similar length (see :func:`length_buckets`); the embeddings come back in batch order. With
+    ``pack_tokens`` each side runs padding-free instead (:mod:`llmembed.packing`).
+    ``processed_tokens`` counts the tokens the passes really ran, padding and filler included."""
 
-    def __init__(self, model: EmbeddingModel, length_buckets: int = 1) -> None:
+    def __init__(self, model: EmbeddingModel, length_buckets: int = 1, pack_tokens: int | None = None) -> None:
         super().__init__()
+        if pack_tokens is not None and model.bidirectional:
+            raise ValueError("train.pack_tokens needs causal attention: transformers' bidirectional mask does not "
+                             "read packed position_ids (set model.backbone.bidirectional: false or drop pack_tokens)")
         self.model = model
         self.length_buckets = length_buckets
+        self.pack_tokens = pack_tokens
         self.processed_tokens = 0
 
     def forward(self, query: dict, passage: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
@@ -83,6 +89,9 @@ class PairEncoder(nn.Module):
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
+        if self.pack_tokens is not None:
+            self.processed_tokens += packed_size(mask, self.pack_tokens)
+            return self.model(**batch, pack_tokens=self.pack_tokens)
         if self.length_buckets <= 1:
             self.processed_tokens += mask.numel()
             return self.model(**batch)
