@@ -6,8 +6,8 @@ Same model (the built-in default SmolLM2-135M-Instruct with LoRA r16, mean pooli
 same data (the packaged chatterbot training pairs: question -> answer, in-batch negatives),
 same batch size, the same 64-token cut, the same E5-style instruction on queries, the same
 temperature (scale 20), learning rate and schedule, the same number of steps, one process.
-Runs, each a fresh process, are interleaved (ours, ours ungrouped, ST MNRL, ST cached MNRL;
-then again) so machine noise hits all of them.
+Runs, each a fresh process, are interleaved (each of our setups, ST MNRL, ST cached MNRL; then
+again) so machine noise hits all of them.
 
 Reported per run: samples/s and tokens/s after the first two steps, the share of processed
 tokens that were padding, the process's peak RSS; per setup, the offline suite's scores of the
@@ -34,15 +34,25 @@ INSTRUCTION = "Given a question, retrieve the answer to it"
 QUERY_PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # our query template with that instruction
 MAX_LENGTH = 64
 LR = 5e-4
-SETUPS = ("ours", "ours, 2 length buckets only", "ours, no length grouping", "ST MNRL", "ST CachedMNRL")
+# Ours: "packed" draws the same batches as ST (no length grouping) and runs them padding-free;
+# "2 length buckets" the same batches in two padded passes per side; "length-grouped" other,
+# length-sorted batches (less contrast per batch).
+OURS = {
+    "ours, packed": dict(grouped=False, buckets=1, pack_tokens=512),
+    "ours, 2 length buckets": dict(grouped=False, buckets=2, pack_tokens=None),
+    "ours, padded": dict(grouped=False, buckets=1, pack_tokens=None),
+    "ours, length-grouped + 2 buckets": dict(grouped=True, buckets=2, pack_tokens=None),
+}
+SETUPS = (*OURS, "ST MNRL", "ST CachedMNRL")
 
 
-def ours_overrides(grouped: bool, buckets: int) -> list[str]:
+def ours_overrides(grouped: bool, buckets: int, pack_tokens: int | None) -> list[str]:
     settings = [
         "model.pooling.kind=mean", "model.lora={r: 16, alpha: 32, dropout: 0.0}",
         f"data.query_max_length={MAX_LENGTH}", f"data.passage_max_length={MAX_LENGTH}",
         "loss.temperature=0.05", f"train.lr={LR}", "train.warmup_ratio=0.1", "train.schedule=linear",
         f"data.group_by_length={str(grouped).lower()}", f"train.length_buckets={buckets}",
+        f"train.pack_tokens={'null' if pack_tokens is None else pack_tokens}",
     ]
     return [x for s in settings for x in ("--set", s)]
 
@@ -136,6 +146,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-quality", action="store_true", help="skip the offline-suite scores")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS), metavar="SETUP",
+                        help=f"a subset of {SETUPS} (must include 'ST MNRL', the reference)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_sentence_transformers.md")
     parser.add_argument("--st-run", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +155,10 @@ def main() -> int:
         data, out, steps, batch, cached = args.st_run
         train_st(Path(data), Path(out), int(steps), int(batch), cached == "1")
         return 0
-    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in SETUPS}
+    if "ST MNRL" not in args.setups:
+        parser.error("--setups must include 'ST MNRL', the reference")
+    setups = [s for s in SETUPS if s in args.setups]
+    results: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in setups}
     finals: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="llmembed-bench-") as tmp:
         work = Path(tmp)
@@ -151,10 +166,10 @@ def main() -> int:
                        check=True, stdout=subprocess.DEVNULL)
         data = work / "data" / "train.jsonl"
         for round_ in range(args.rounds):
-            for setup in SETUPS:
+            for setup in setups:
                 name = f"r{round_}-{SETUPS.index(setup)}"
-                if setup.startswith("ours"):
-                    extra = ours_overrides(setup == "ours", 1 if "no length" in setup else 2) + ["--set", f"train.per_device_batch_size={args.batch}"]
+                if setup in OURS:
+                    extra = ours_overrides(**OURS[setup]) + ["--set", f"train.per_device_batch_size={args.batch}"]
                     rows, peak = run(args.batch, args.steps, 1, data, work, extra, name)
                     samples, tokens = rates(rows)
                     padding = rows[-1]["padding_share"]  # every step's processed tokens
@@ -168,7 +183,7 @@ def main() -> int:
                 print(f"round {round_ + 1}: {setup:<26} {samples:6.2f} samples/s {tokens:8.1f} tokens/s "
                       f"padding {padding:5.1%} peak RSS {peak:5.2f} GiB", flush=True)
         quality = {} if args.no_quality else {s: suite_scores(finals[s], work / f"scores-{i}.json")
-                                              for i, s in enumerate(SETUPS)}
+                                              for i, s in enumerate(setups)}
     write_report(args, results, quality)
     return 0
 

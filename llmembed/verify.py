@@ -115,19 +115,19 @@ class VerifyReport:
         return all(p.ok for p in self.paths)
 
     def table(self) -> str:
-        header = f"{'path':<22} {'min cos':>9} {'need':>7} {'tokens equal':>13}  status"
+        header = f"{'path':<28} {'min cos':>9} {'need':>7} {'tokens equal':>13}  status"
         lines = [f"serving parity of {self.export_dir} ({len(self.probes)} probes, reference: llmembed encode)",
                  header, "-" * len(header)]
         for p in self.paths:
             if p.skipped:
-                lines.append(f"{p.path:<22} {'-':>9} {'-':>7} {'-':>13}  skipped: {p.skipped}")
+                lines.append(f"{p.path:<28} {'-':>9} {'-':>7} {'-':>13}  skipped: {p.skipped}")
                 continue
             if p.error:
-                lines.append(f"{p.path:<22} {'-':>9} {'-':>7} {'-':>13}  ERROR: {p.error}")
+                lines.append(f"{p.path:<28} {'-':>9} {'-':>7} {'-':>13}  ERROR: {p.error}")
                 continue
             same = sum(a == b for a, b in zip(p.token_counts, self.reference_tokens))
             status = "ok" if p.ok else "MISMATCH"
-            lines.append(f"{p.path:<22} {min(p.cosines):>9.6f} {p.threshold:>7.4f} "
+            lines.append(f"{p.path:<28} {min(p.cosines):>9.6f} {p.threshold:>7.4f} "
                          f"{f'{same}/{len(self.probes)}':>13}  {status}")
         for p in self.paths:
             for failure in p.failures:
