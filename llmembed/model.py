@@ -276,11 +276,13 @@ class EmbeddingModel(nn.Module):
         if pack_tokens is None:
             outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        if self.bidirectional:
-            raise ValueError("pack_tokens needs causal attention: transformers' bidirectional mask does not read "
-                             "packed position_ids, so packed texts would attend to each other")
         packed = pack(input_ids, attention_mask, pack_tokens, self.tokenizer.pad_token_id or 0)
-        outputs = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        blocks = None
+        if self.bidirectional:  # transformers' bidirectional mask ignores packed position_ids
+            config = self.base_model.config
+            blocks = packed.block_mask(config._attn_implementation, self.base_model.get_input_embeddings().weight.dtype)
+        outputs = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=blocks,
+                                use_cache=False)
         return packed.unpack(outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0])
 
     def forward(

@@ -11,9 +11,13 @@ whose positions also restart at 0, so the filler is a block of its own that no t
 to; its outputs are dropped.
 
 RoPE sees only relative positions, so a packed text's hidden states equal its padded ones (up
-to float rounding); the tests check that against the padded forward on every family. Causal
-attention only: transformers 5.19's bidirectional mask (``config.is_causal = False``) does not
-read packed ``position_ids``, so packed texts would see each other; the model refuses it.
+to float rounding); the tests check that against the padded forward on every family.
+
+Bidirectional attention (``config.is_causal = False``): transformers 5.19's bidirectional mask
+does not read packed ``position_ids``, so packed texts would see each other. There the blocks
+are given explicitly, as a 4-D mask (:meth:`Packed.block_mask`), which transformers passes to
+sdpa and eager attention unchanged; flash-attention 2 takes no 4-D mask, so that combination
+is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ class Packed:
     position_ids: torch.Tensor  # restarting at 0 for every text and for the filler
     source: torch.Tensor  # flat packed index of each real token, in the padded batch's row-major order
     keep: torch.Tensor  # the padded batch's attention mask, as booleans
+    segments: torch.Tensor  # (packs, tokens): which block (text, or a pack's filler) each token is in
+
+    def block_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        """The 4-D mask (packs, 1, tokens, tokens) letting each token attend to its own block,
+        in both directions: booleans for sdpa, additive ``0 / min`` in ``dtype`` for eager (the
+        formats transformers' own masks have)."""
+        same = (self.segments[:, :, None] == self.segments[:, None, :])[:, None]
+        if attn_implementation == "sdpa":
+            return same
+        if attn_implementation == "eager":
+            return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+        raise ValueError(f"packed bidirectional attention needs sdpa or eager attention, not {attn_implementation!r}: "
+                         "transformers passes no 4-D mask to it")
 
     @property
     def processed_tokens(self) -> int:
@@ -76,12 +93,15 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, pack_tokens: int
     device = input_ids.device
     packed_ids = torch.full((len(packs), width), filler_id, dtype=input_ids.dtype, device=device)
     positions = torch.empty((len(packs), width), dtype=torch.long, device=device)
+    segments = torch.empty((len(packs), width), dtype=torch.long, device=device)
     sources = []
     for p, rows in enumerate(packs):
         used = sum(lengths[r] for r in rows)
         sources.append(torch.arange(p * width, p * width + used, device=device))
         positions[p] = torch.cat([torch.arange(lengths[r], device=device) for r in rows]
                                  + [torch.arange(width - used, device=device)])
+        segments[p] = torch.cat([torch.full((lengths[r],), r, device=device) for r in rows]
+                                + [torch.full((width - used,), -1, device=device)])
     source = torch.cat(sources)
     packed_ids.view(-1)[source] = input_ids[keep]
-    return Packed(packed_ids, positions, source, keep)
+    return Packed(packed_ids, positions, source, keep, segments)

@@ -1,7 +1,6 @@
 """Padding-free forwards (llmembed.packing): packed rows with restarting position_ids give the
-padded forward's embeddings and gradients, on every supported family, for each pooling,
-whatever the pack budget; bidirectional attention is refused (transformers' bidirectional mask
-ignores packed position_ids)."""
+padded forward's embeddings and gradients, on every supported family, causal and
+bidirectional (an explicit block mask), for each pooling, whatever the pack budget."""
 
 from __future__ import annotations
 
@@ -23,8 +22,9 @@ def family_dirs(tmp_path_factory, default_dir):
                          heads=2, kv_heads=1) for f in FAMILIES}
 
 
-def _model(path, kind: str, bidirectional: bool) -> EmbeddingModel:
-    config = EmbeddingModelConfig(backbone=BackboneConfig(str(path), dtype="float32", bidirectional=bidirectional),
+def _model(path, kind: str, bidirectional: bool, attn: str = "auto") -> EmbeddingModel:
+    config = EmbeddingModelConfig(backbone=BackboneConfig(str(path), dtype="float32", bidirectional=bidirectional,
+                                                          attn_implementation=attn),
                                   pooling=PoolingConfig(kind, num_latents=4, num_heads=2),
                                   lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     model = EmbeddingModel.build(config)
@@ -54,9 +54,12 @@ def test_packed_rows_hold_every_real_token_once_with_restarting_positions(paddin
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", ["last_token", "mean", "latent_attention"])
-def test_packed_embeddings_and_gradients_equal_the_padded_forwards(family_dirs, family, kind):
-    model = _model(family_dirs[family], kind, bidirectional=False)
+@pytest.mark.parametrize("kind,bidirectional,attn", [("last_token", False, "sdpa"), ("mean", False, "sdpa"),
+                                                     ("latent_attention", False, "sdpa"), ("mean", True, "sdpa"),
+                                                     ("last_token", True, "eager")])
+def test_packed_embeddings_and_gradients_equal_the_padded_forwards(family_dirs, family, kind, bidirectional, attn):
+    model = _model(family_dirs[family], kind, bidirectional, attn)
+    assert model.bidirectional is bidirectional
     batch = model.tokenize(TEXTS)
     padded = model(**batch)
     for budget in (1, 24, 10_000):  # one text per row; a few per row with filler; all in one row
@@ -74,14 +77,22 @@ def test_packed_embeddings_and_gradients_equal_the_padded_forwards(family_dirs, 
         assert (grads[1][name] - grad).norm() <= 1e-4 * grad.norm() + 1e-8, (family, name)
 
 
-def test_bidirectional_attention_is_refused_in_one_line(family_dirs):
+def test_bidirectional_blocks_keep_packed_texts_apart_and_need_a_4d_mask_kernel(family_dirs):
     model = _model(family_dirs["llama"], "mean", bidirectional=True)
-    with pytest.raises(ValueError, match="pack_tokens needs causal attention"):
-        model(**model.tokenize(TEXTS), pack_tokens=64)
+    batch = model.tokenize(TEXTS)
+    alone = model(**model.tokenize(TEXTS[:1]))
+    changed = model.tokenize(["b", *TEXTS[1:]])  # another first text, packed in the same row
+    # Later texts in the row leave the first one's embedding alone, and another first text
+    # leaves theirs alone: attention stays inside each text, in both directions.
+    assert (model(**batch, pack_tokens=10_000)[:1] - alone).abs().max() <= 2e-5
+    assert (model(**changed, pack_tokens=10_000)[1:] - model(**batch)[1:]).abs().max() <= 2e-5
+    packed = pack(batch["input_ids"], batch["attention_mask"], 10_000)
+    with pytest.raises(ValueError, match="needs sdpa or eager"):
+        packed.block_mask("flash_attention_2", torch.float32)
 
 
 @pytest.mark.integration
-def test_packed_training_steps_equal_padded_ones_with_grad_cache_and_refuse_bad_settings(tiny_llama_dir, tmp_path):
+def test_packed_training_steps_equal_padded_ones_with_grad_cache(tiny_llama_dir, tmp_path):
     """One DeepSpeed (ZeRO-2) process, 4 steps of 8 queries with 2 passages each: the padded
     run and the packed run (one row per side of each GradCache chunk of 3 queries) log the same
     losses and gradient norms, and the packed run processes no padding at all."""
@@ -101,10 +112,7 @@ def test_packed_training_steps_equal_padded_ones_with_grad_cache_and_refuse_bad_
     padded_share, packed_share = runs["padded"][-1]["padding_share"], runs["packed"][-1]["padding_share"]
     assert packed_share == 0.0 and padded_share > 0.05, (packed_share, padded_share)
 
-    for train, message in (({"pack_tokens": 48, "length_buckets": 2}, "set length_buckets: 1"),
-                           ({"pack_tokens": 48}, "pack_tokens needs causal attention")):
-        (tmp_path / "bad").mkdir(exist_ok=True)
-        model = {"backbone": {"bidirectional": True}} if "length_buckets" not in train else {}
-        config = write_config(tmp_path / "bad", tiny_llama_dir, [data], train=train, model=model)
-        run = launch(config, launcher="python", check=False)
-        assert run.returncode != 0 and message in run.stdout and "Traceback" not in run.stdout, run.stdout[-2000:]
+    (tmp_path / "bad").mkdir()
+    config = write_config(tmp_path / "bad", tiny_llama_dir, [data], train={"pack_tokens": 48, "length_buckets": 2})
+    run = launch(config, launcher="python", check=False)
+    assert run.returncode != 0 and "set length_buckets: 1" in run.stdout and "Traceback" not in run.stdout

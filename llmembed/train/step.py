@@ -70,9 +70,10 @@ class PairEncoder(nn.Module):
 
     def __init__(self, model: EmbeddingModel, length_buckets: int = 1, pack_tokens: int | None = None) -> None:
         super().__init__()
-        if pack_tokens is not None and model.bidirectional:
-            raise ValueError("train.pack_tokens needs causal attention: transformers' bidirectional mask does not "
-                             "read packed position_ids (set model.backbone.bidirectional: false or drop pack_tokens)")
+        attn = model.base_model.config._attn_implementation
+        if pack_tokens is not None and model.bidirectional and attn not in ("sdpa", "eager"):
+            raise ValueError(f"train.pack_tokens with bidirectional attention needs sdpa or eager attention, not "
+                             f"{attn}: packed bidirectional blocks are a 4-D mask (llmembed.packing)")
         self.model = model
         self.length_buckets = length_buckets
         self.pack_tokens = pack_tokens
