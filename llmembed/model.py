@@ -274,16 +274,18 @@ class EmbeddingModel(nn.Module):
         With ``pack_tokens`` the real tokens run packed, without padding, in rows of at most
         that many tokens (:mod:`llmembed.packing`); the states come back in the padded layout."""
         if pack_tokens is None:
-            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+            return self._last_hidden(input_ids=input_ids, attention_mask=attention_mask)
         packed = pack(input_ids, attention_mask, pack_tokens, self.tokenizer.pad_token_id or 0)
         blocks = None
         if self.bidirectional:  # transformers' bidirectional mask ignores packed position_ids
             config = self.base_model.config
             blocks = packed.block_mask(config._attn_implementation, self.base_model.get_input_embeddings().weight.dtype)
-        outputs = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=blocks,
-                                use_cache=False)
-        return packed.unpack(outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0])
+        return packed.unpack(self._last_hidden(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                               attention_mask=blocks))
+
+    def _last_hidden(self, **inputs: torch.Tensor | None) -> torch.Tensor:
+        outputs = self.backbone(**inputs, use_cache=False)
+        return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
     def forward(
         self,

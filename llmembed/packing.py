@@ -43,6 +43,16 @@ def pack_rows(lengths: list[int], pack_tokens: int) -> list[list[int]]:
     return packs
 
 
+BLOCK_MASK_ATTENTION = ("sdpa", "eager")  # the implementations transformers hands a 4-D mask to
+
+
+def require_block_mask_support(attn_implementation: str) -> None:
+    """Packed bidirectional blocks are a 4-D mask; refuse attention that never sees one."""
+    if attn_implementation not in BLOCK_MASK_ATTENTION:
+        raise ValueError(f"packed bidirectional attention needs sdpa or eager attention, not {attn_implementation!r}: "
+                         "transformers passes no 4-D mask to it")
+
+
 def packed_size(attention_mask: torch.Tensor, pack_tokens: int) -> int:
     """The tokens a packed forward of this padded batch runs (filler included)."""
     lengths = attention_mask.sum(dim=1).tolist()
@@ -64,13 +74,11 @@ class Packed:
         """The 4-D mask (packs, 1, tokens, tokens) letting each token attend to its own block,
         in both directions: booleans for sdpa, additive ``0 / min`` in ``dtype`` for eager (the
         formats transformers' own masks have)."""
+        require_block_mask_support(attn_implementation)
         same = (self.segments[:, :, None] == self.segments[:, None, :])[:, None]
         if attn_implementation == "sdpa":
             return same
-        if attn_implementation == "eager":
-            return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
-        raise ValueError(f"packed bidirectional attention needs sdpa or eager attention, not {attn_implementation!r}: "
-                         "transformers passes no 4-D mask to it")
+        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
 
     @property
     def processed_tokens(self) -> int:

@@ -89,6 +89,14 @@ def test_bidirectional_blocks_keep_packed_texts_apart_and_need_a_4d_mask_kernel(
     packed = pack(batch["input_ids"], batch["attention_mask"], 10_000)
     with pytest.raises(ValueError, match="needs sdpa or eager"):
         packed.block_mask("flash_attention_2", torch.float32)
+    # The trainer refuses that combination when it builds its encoder, before any step runs
+    # (flash-attention 2 is named on the config: this machine has no kernel to load).
+    from llmembed.train.step import PairEncoder
+
+    model.base_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="needs sdpa or eager"):
+        PairEncoder(model, pack_tokens=64)
+    assert PairEncoder(model).pack_tokens is None  # unpacked, the model's own masks serve
 
 
 @pytest.mark.integration

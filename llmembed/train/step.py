@@ -23,7 +23,7 @@ from llmembed.losses.infonce import LossOutput
 from llmembed.losses.router import LossRouter, TeacherSignals
 from llmembed.train.grad_cache import cached_backward, split_chunks
 from llmembed.model import EmbeddingModel
-from llmembed.packing import packed_size
+from llmembed.packing import packed_size, require_block_mask_support
 
 
 def length_buckets(lengths: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
@@ -70,10 +70,8 @@ class PairEncoder(nn.Module):
 
     def __init__(self, model: EmbeddingModel, length_buckets: int = 1, pack_tokens: int | None = None) -> None:
         super().__init__()
-        attn = model.base_model.config._attn_implementation
-        if pack_tokens is not None and model.bidirectional and attn not in ("sdpa", "eager"):
-            raise ValueError(f"train.pack_tokens with bidirectional attention needs sdpa or eager attention, not "
-                             f"{attn}: packed bidirectional blocks are a 4-D mask (llmembed.packing)")
+        if pack_tokens is not None and model.bidirectional:  # refuse before any step, not mid-run
+            require_block_mask_support(model.base_model.config._attn_implementation)
         self.model = model
         self.length_buckets = length_buckets
         self.pack_tokens = pack_tokens
