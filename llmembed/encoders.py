@@ -12,9 +12,9 @@ Vectors come back L2-normalised float32, so inner product is cosine.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -74,6 +74,9 @@ class TextEncoder:
     batch_size: int = 32
     # Keep the first ``truncate_dim`` dimensions, re-normalised (a Matryoshka prefix); None: all.
     truncate_dim: int | None = None
+    # Full-width vectors by (side, instruction, text), shared by the views :meth:`widths` makes,
+    # so scoring a model at several widths encodes each text once. None: no memory.
+    memo: dict[Hashable, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def truncated(self, dim: int) -> "TextEncoder":
         """This encoder serving ``dim``-wide prefixes, named and fingerprinted apart."""
@@ -81,6 +84,12 @@ class TextEncoder:
             raise EncoderError(f"{self.name}: --dim {dim} is outside its width 1..{self.full_dim}")
         return replace(self, name=f"{self.name} @{dim}d", fingerprint=f"{self.fingerprint}:dim{dim}",
                        truncate_dim=dim)
+
+    def widths(self, dims: Sequence[int | None]) -> list["TextEncoder"]:
+        """One view per width (None: the full one) sharing one memory of full-width vectors:
+        a Matryoshka sweep costs one encoding per text, not one per width."""
+        memo: dict[Hashable, np.ndarray] = {}
+        return [replace(self if dim is None else self.truncated(dim), memo=memo) for dim in dims]
 
     def _cut(self, vectors: np.ndarray) -> np.ndarray:
         return vectors if self.truncate_dim is None else _normalise(vectors[:, :self.truncate_dim])
@@ -96,24 +105,51 @@ class TextEncoder:
 
     def encode_queries(self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None,
                        progress: bool = False) -> np.ndarray:
-        if self.kind == "llmembed":
-            return self._cut(_normalise(self.model.encode(list(texts), instruction, is_query=True,
-                                                          batch_size=self.batch_size, show_progress_bar=progress)))
-        if self.query_prefix_of is None:
-            return self._cut(self._st(texts, None, progress))
-        if instruction is None or isinstance(instruction, str):
-            return self._cut(self._st(texts, self.query_prefix_of(instruction), progress))
-        out = np.zeros((len(texts), self.full_dim), dtype=np.float32)
-        for value in dict.fromkeys(instruction):  # one ST call per distinct instruction
-            rows = [i for i, v in enumerate(instruction) if v == value]
-            out[rows] = self._st([texts[i] for i in rows], self.query_prefix_of(value), progress)
-        return self._cut(out)
+        texts = list(texts)
+        per_text = [instruction] * len(texts) if instruction is None or isinstance(instruction, str) \
+            else list(instruction)
+        if len(per_text) != len(texts):
+            raise ValueError(f"{len(per_text)} instructions for {len(texts)} queries")
+        return self._cut(self._remembered(
+            [("query", value, text) for value, text in zip(per_text, texts)],
+            lambda rows: self._query_vectors([texts[i] for i in rows], [per_text[i] for i in rows], progress)))
 
     def encode_passages(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        return self._cut(self._remembered([("passage", text) for text in texts],
+                                          lambda rows: self._passage_vectors([texts[i] for i in rows], progress)))
+
+    def _remembered(self, keys: list[Hashable], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+        """Full-width vectors for ``keys``: from the memory where there is one, computing (once
+        each) only the rows it lacks."""
+        if self.memo is None or not keys:
+            return compute(list(range(len(keys))))
+        missing = list({key: row for row, key in reversed(list(enumerate(keys))) if key not in self.memo}.values())
+        if missing:
+            self.memo.update(zip((keys[row] for row in missing), compute(missing)))
+        return np.stack([self.memo[key] for key in keys])
+
+    def _query_vectors(self, texts: list[str], instructions: list[str | None], progress: bool) -> np.ndarray:
+        uniform = len(set(instructions)) <= 1
+        instruction = (instructions[0] if instructions else None) if uniform else instructions
         if self.kind == "llmembed":
-            return self._cut(_normalise(self.model.encode(list(texts), is_query=False, batch_size=self.batch_size,
-                                                          show_progress_bar=progress)))
-        return self._cut(self._st(texts, self.passage_prefix, progress))
+            return _normalise(self.model.encode(texts, instruction, is_query=True, batch_size=self.batch_size,
+                                                show_progress_bar=progress))
+        if self.query_prefix_of is None:
+            return self._st(texts, None, progress)
+        if uniform:
+            return self._st(texts, self.query_prefix_of(instruction), progress)
+        out = np.zeros((len(texts), self.full_dim), dtype=np.float32)
+        for value in dict.fromkeys(instructions):  # one ST call per distinct instruction
+            rows = [i for i, v in enumerate(instructions) if v == value]
+            out[rows] = self._st([texts[i] for i in rows], self.query_prefix_of(value), progress)
+        return out
+
+    def _passage_vectors(self, texts: list[str], progress: bool) -> np.ndarray:
+        if self.kind == "llmembed":
+            return _normalise(self.model.encode(texts, is_query=False, batch_size=self.batch_size,
+                                                show_progress_bar=progress))
+        return self._st(texts, self.passage_prefix, progress)
 
     def _st(self, texts: Sequence[str], prompt: str | None, progress: bool) -> np.ndarray:
         return _normalise(self.model.encode(list(texts), prompt=prompt, batch_size=self.batch_size,

@@ -73,3 +73,40 @@ def test_evaluate_dim_scores_prefixes_under_their_own_name(trained, tmp_path):
     assert np.allclose(queries, full[:, :16] / np.linalg.norm(full[:, :16]), atol=1e-6)
     with pytest.raises(EncoderError, match="outside its width"):
         encoder.truncated(500)
+
+
+def test_a_width_sweep_encodes_each_text_once_and_scores_every_width(trained, tmp_path, capsys):
+    from llmembed.encoders import load_encoder
+    from llmembed.evaluate.__main__ import main
+
+    full, cut = load_encoder(trained).widths([None, 16])
+    assert (full.dim, cut.dim) == (128, 16) and full.memo is cut.memo
+    queries = full.encode_queries(TEXTS, "Retrieve the answer")
+    passages = full.encode_passages(TEXTS)
+    assert len(full.memo) == 6  # the same text as query and as passage is two vectors
+    # The narrow view reads the full view's vectors: nothing new is encoded, and its vectors
+    # are their re-normalised prefixes. A new instruction is new work.
+    assert np.allclose(cut.encode_queries(TEXTS, "Retrieve the answer"),
+                       queries[:, :16] / np.linalg.norm(queries[:, :16], axis=1, keepdims=True), atol=1e-6)
+    assert np.allclose(cut.encode_passages(TEXTS[::-1] + TEXTS[:1]),
+                       _cut_rows(passages, [2, 1, 0, 0]), atol=1e-6)
+    assert len(cut.memo) == 6
+    cut.encode_queries(TEXTS[:1], ["Find the fact"])
+    assert len(cut.memo) == 7
+    # The CLI: one row per width, the memory shared within each model.
+    records = tmp_path / "heldout.jsonl"
+    records.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n"
+                               for q, p in [(TEXTS[0], TEXTS[1]), ("how do plants make sugar?", TEXTS[2])]))
+    scores = tmp_path / "scores.json"
+    assert main(["--model", str(trained), "--data", str(records), "--dim", "16", "--dim", "full",
+                 "--json", str(scores)]) == 0
+    name = trained.parent.name  # a folder called "model" is named after its parent
+    assert list(json.loads(scores.read_text())["scores"]) == [f"{name} @16d", name]
+    with pytest.raises(SystemExit):
+        main(["--model", str(trained), "--data", str(records), "--dim", "wide"])
+    assert "expected a width >= 1 or 'full', got 'wide'" in capsys.readouterr().err
+
+
+def _cut_rows(vectors, rows):
+    picked = vectors[rows, :16]
+    return picked / np.linalg.norm(picked, axis=1, keepdims=True)

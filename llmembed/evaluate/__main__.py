@@ -35,6 +35,16 @@ def _baseline(encoder: TextEncoder, folder: Path) -> TextEncoder | None:
     return TextEncoder.of(model, f"{encoder.name} (untrained)")
 
 
+def _width(text: str) -> int | None:
+    """A ``--dim`` value: a width of at least 1, or ``full`` (None)."""
+    if text == "full":
+        return None
+    try:
+        return int_at_least(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a width >= 1 or 'full', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmembed.evaluate", description=__doc__.split("\n\n")[1])
     parser.add_argument("--model", action="append", required=True,
@@ -47,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true", help="add the untrained configuration of trained folders")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="how to load our exports: llmembed (default) or sentence-transformers")
-    parser.add_argument("--dim", type=int_at_least(1),
+    parser.add_argument("--dim", type=_width, action="append", default=[],
                         help="score every model on the first DIM dimensions of its vectors, re-normalised "
-                             "(Matryoshka prefixes)")
+                             "(Matryoshka prefixes); repeat for a sweep (each text is encoded once), "
+                             "'full' for the whole width")
     parser.add_argument("--json", help="write every score here")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose backbone or tokenizer runs code from its own files")
@@ -79,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         reference = load_encoder(reference_model_dir()) if args.reference else None
         if reference is not None:
             encoders.insert(0, reference)
-        if args.dim is not None:
-            encoders = [e.truncated(args.dim) for e in encoders]
+        if args.dim:
+            encoders = [view for e in encoders for view in e.widths(args.dim)]
         rows, models = {}, {}
         for encoder in encoders:
             name = encoder.name if encoder.name not in rows else f"{encoder.name} ({len(rows)})"
