@@ -4,6 +4,8 @@ checkpointing; the DeepSpeed runs are in test_train_engine.py."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -141,3 +143,49 @@ def test_the_last_chunk_is_encoded_once_so_one_chunk_costs_the_plain_step(tiny_l
         # chunks - 1 encodes without a graph, the last one with its graph kept, then the first
         # chunks - 1 again with graphs: 2 * chunks - 1 forwards instead of 2 * chunks.
         assert calls == [False] * (chunks - 1) + [True] * chunks, chunk
+
+
+def _qlora_encoder(base, dropout: float, pack_tokens: int | None) -> PairEncoder:
+    import bitsandbytes as bnb
+
+    config = EmbeddingModelConfig(backbone=BackboneConfig(str(base), dtype="float32", quantization="4bit",
+                                                          attention_dropout=dropout),
+                                  pooling=PoolingConfig("mean"), lora=LoraSettings(r=4, alpha=8, dropout=dropout))
+    torch.manual_seed(0)
+    model = EmbeddingModel.build(config, gradient_checkpointing=True)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7  # 7 projections, 2 layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    return PairEncoder(model, pack_tokens=pack_tokens)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_qlora_packed_and_checkpointed_through_the_cache_equals_the_plain_step(tmp_path, default_dir):
+    """QLoRA (NF4 base), gradient checkpointing, dropout and padding-free forwards together: the
+    cached step gives the plain step's LoRA gradients, and packing gives the padded ones."""
+    from .conftest import save_tiny
+
+    path = save_tiny(tmp_path / "tiny", "llama", default_dir, vocab_size=49152, hidden_size=128, heads=2, kv_heads=1)
+    encoder = _qlora_encoder(path, dropout=0.1, pack_tokens=64)
+    query, passage = _batch(encoder.model)
+    loss, plain = _plain_chunked(encoder, query, passage, chunk=3, seed=11)
+    cached_loss, cached = _cached(encoder, query, passage, chunk=3, seed=11)
+    assert len(plain) == 2 * 7 * 2 and all("lora_" in k for k in plain)  # only the adapters learn
+    assert abs(float(cached_loss - loss)) <= 1e-6
+    assert _max_relative_error(cached, plain) <= 1e-5
+    # Packing itself, with dropout off (packed rows draw other dropout masks than padded ones):
+    # the same cached step, padded and packed, on identically built models.
+    grads, tokens = [], []
+    for pack_tokens in (None, 10_000):  # one row per side: no filler either
+        encoder = _qlora_encoder(path, dropout=0.0, pack_tokens=pack_tokens)
+        grads.append(_cached(encoder, query, passage, chunk=3, seed=11)[1])
+        with torch.no_grad():
+            encoder(query, passage)
+        tokens.append(encoder.processed_tokens)
+    real = int(query["attention_mask"].sum() + passage["attention_mask"].sum())
+    assert tokens[1] == real < tokens[0]  # the packed forwards ran the real tokens only
+    for name, grad in grads[0].items():
+        assert (grads[1][name] - grad).norm() <= 1e-4 * grad.norm() + 1e-8, name
