@@ -58,7 +58,7 @@ def main() -> int:
             lines.append(f"| {batch} | {mode} | {' / '.join(f'{s:.2f}' for s, _ in values)} | "
                          f"{max(p for _, p in values):.2f} | {plain / speed:.2f}x |")
     first, last = args.batches[0], args.batches[-1]
-    for mode in modes:
+    for mode in modes if last != first else ():  # growth needs two batch sizes
         growth = max(p for _, p in results[(last, mode)]) / max(p for _, p in results[(first, mode)])
         lines.append(f"\n{mode}: peak RSS at batch {last} is {growth:.2f}x that at batch {first}.")
     plt = write_table(args.out, lines)
