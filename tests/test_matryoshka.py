@@ -110,3 +110,51 @@ def test_a_width_sweep_encodes_each_text_once_and_scores_every_width(trained, tm
 def _cut_rows(vectors, rows):
     picked = vectors[rows, :16]
     return picked / np.linalg.norm(picked, axis=1, keepdims=True)
+
+
+def _train_prefix_losses(base, matryoshka_dims: list[int] | None, width: int, steps: int = 60) -> tuple[float, float]:
+    """Train a tiny model on 16 pairs through the loss router (the trainer's loss path), then
+    return the InfoNCE of the trained pairs at ``width`` dimensions and at full width."""
+    import torch
+
+    from llmembed.data.collate import LoadedDataset
+    from llmembed.losses.matryoshka import prefix
+    from llmembed.losses.router import LossConfig, LossRouter
+    from llmembed.train.step import PairEncoder
+
+    topics = ["river", "piano", "castle", "coffee", "robot", "desert", "bridge", "apple",
+              "winter", "ocean", "train", "garden", "planet", "doctor", "forest", "guitar"]
+    queries = [f"tell me about the {t}" for t in topics]
+    passages = [f"This passage describes the {t} in some detail." for t in topics]
+    config = EmbeddingModelConfig(backbone=BackboneConfig(str(base), dtype="float32"), pooling=PoolingConfig("mean"),
+                                  lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    encoder = PairEncoder(EmbeddingModel.build(config))
+    loss_config = LossConfig(temperature=0.05, matryoshka_dims=matryoshka_dims)
+    loss = LossRouter([LoadedDataset("pairs", [], None, True, 1, "infonce")], loss_config)(0)
+    plain = LossRouter([LoadedDataset("pairs", [], None, True, 1, "infonce")], LossConfig(temperature=0.05))(0)
+    query, passage = encoder.model.tokenize(queries, is_query=True), encoder.model.tokenize(passages)
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(steps):
+        q, p = encoder(query, passage)
+        loss(q, p).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        q, p = encoder(query, passage)
+        return plain(prefix(q, width), prefix(p, width)).loss.item(), plain(q, p).loss.item()
+
+
+def test_matryoshka_training_makes_the_prefix_retrieve_where_plain_training_leaves_it_behind(tiny_llama_dir):
+    """The same model, data, seed and steps; only loss.matryoshka_dims differs. The 8-dim
+    prefix's loss on the trained pairs must end well below plain training's. (On this tiny random
+    model the full width learns much more slowly under the Matryoshka sum than alone: plain
+    reaches ~0.01, Matryoshka ~2.6 from 2.87 in 60 steps; the bench on the real default model,
+    bench/matryoshka.py, measures what that costs.)"""
+    untrained_prefix, untrained_full = _train_prefix_losses(tiny_llama_dir, None, 8, steps=0)
+    plain_prefix, plain_full = _train_prefix_losses(tiny_llama_dir, None, 8)
+    nested_prefix, nested_full = _train_prefix_losses(tiny_llama_dir, [8, 128], 8)
+    print(f"InfoNCE @8d / full: untrained {untrained_prefix:.3f} / {untrained_full:.3f}, plain {plain_prefix:.3f} / "
+          f"{plain_full:.3f}, Matryoshka {nested_prefix:.3f} / {nested_full:.3f}")
+    assert plain_full < 0.1 * untrained_full and nested_full < untrained_full
+    assert nested_prefix < 0.6 * plain_prefix < 0.6 * untrained_prefix
