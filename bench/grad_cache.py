@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import REPO, rates, run, write_table  # noqa: E402
+from train_throughput import REPO, rates, run, save_plot, write_table  # noqa: E402
 
 
 def main() -> int:
@@ -72,9 +72,7 @@ def main() -> int:
     memory.set(xlabel="batch (queries)", ylabel="peak RSS (GiB)", xscale="log", title="memory")
     speed.set(xlabel="batch (queries)", ylabel="samples/s", xscale="log", title="speed")
     memory.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"plot: {args.out.with_suffix('.png')}")
+    save_plot(fig, args.out)
     return 0
 
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import REPO, run, write_table  # noqa: E402
+from train_throughput import REPO, run, save_plot, write_table  # noqa: E402
 
 # The recipe under test: stronger than the quickstart's (last-token, LoRA r8, lr 3e-4), so that
 # 136 steps move the in-domain retrieval scores well past the untrained model's.
@@ -125,9 +125,7 @@ def write_report(args, dims: list[int], scores) -> None:
     ax.set(xlabel="embedding width (first d dimensions)", ylabel="offline-suite mean",
            title="Matryoshka vs plain (lines: mean over seeds; dots: seeds)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"plot: {args.out.with_suffix('.png')}")
+    save_plot(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ def write_table(out: Path, lines: list[str]):
     return plt
 
 
+def save_plot(fig, table: Path) -> None:
+    """Save a bench's figure as a PNG beside its table."""
+    fig.tight_layout()
+    fig.savefig(table.with_suffix(".png"), dpi=120)
+    print(f"plot: {table.with_suffix('.png')}")
+
+
 def rates(rows: list[dict]) -> tuple[float, float]:
     """Samples/s and tokens/s between the end of warm-up (step 2) and the last step (the
     logged rates are cumulative since training started)."""

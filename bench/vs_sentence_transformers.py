@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import REPO, rates, run, write_table  # noqa: E402
+from train_throughput import REPO, rates, run, save_plot, write_table  # noqa: E402
 
 INSTRUCTION = "Given a question, retrieve the answer to it"
 QUERY_PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # our query template with that instruction
@@ -215,9 +215,7 @@ def write_report(args, results, quality) -> None:
             ax.plot(v[0], i, "k.")
     ax.set(xlabel="samples/s (bar: mean; dots: rounds)", title="training throughput, same work, CPU")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"plot: {args.out.with_suffix('.png')}")
+    save_plot(fig, args.out)
 
 
 if __name__ == "__main__":
