@@ -1,11 +1,13 @@
 """Matryoshka training against plain training: offline-suite scores of truncated embeddings.
 
     .venv/bin/python bench/matryoshka.py [--seeds 42 7] [--dims 32 64 128 256 576] [--steps 136]
+                                         [--weights equal --weights 1,1,1,1,4]
 
 Trains the built-in default (SmolLM2-135M-Instruct, LoRA r16, mean pooling, lr 5e-4, batch 8,
-packed) on the packaged chatterbot pairs twice per seed, the same data, steps and seed: once
-plain, once with ``loss.matryoshka_dims`` (equal weights, the full width included). Runs are
-interleaved (plain, Matryoshka, plain, ...). Each model is scored on the offline suite at every
+packed) on the packaged chatterbot pairs several times per seed, the same data, steps and seed:
+once plain, and once with ``loss.matryoshka_dims`` for each ``--weights`` (``equal``: 1 each;
+else ``loss.matryoshka_weights``, one per width of ``--dims``). Runs are interleaved (plain,
+Matryoshka, ..., plain, ...). Each model is scored on the offline suite at every
 width of ``--dims`` (``llmembed.evaluate --dim``: the first d dimensions, re-normalised) and at
 full width. Writes a markdown table (``--out``, default ``bench/results/matryoshka.md``) and, with
 matplotlib installed, a plot beside it: the suite mean against the width, per seed.
@@ -61,12 +63,25 @@ def main() -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 576],
                         help=f"Matryoshka widths trained (include {WIDTH}, the full width, to train it too); "
                              "each one below the full width is also scored")
+    parser.add_argument("--weights", action="append", metavar="W1,W2,...",
+                        help="one Matryoshka run per seed with these weights, one per --dims width in its "
+                             "order, or 'equal' (1 each); repeat for more (default: equal, and the widest "
+                             "weighing as much as all the others together, 1,1,1,1,4)")
     parser.add_argument("--steps", type=int, default=136)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "matryoshka.md")
     args = parser.parse_args()
     dims = sorted(args.dims)
-    arms = {"plain": [], "Matryoshka": ["--set", f"loss.matryoshka_dims=[{','.join(map(str, dims))}]"]}
+    arms = {"plain": []}
+    # Default arms: equal weights, and the full width weighing as much as all the others together.
+    widest_heavy = ",".join(str(len(args.dims) - 1) if d == max(args.dims) else "1" for d in args.dims)
+    for spec in args.weights or ["equal", widest_heavy]:
+        extra = ["--set", f"loss.matryoshka_dims=[{','.join(map(str, args.dims))}]"]
+        if spec != "equal":
+            if len(spec.split(",")) != len(args.dims):
+                parser.error(f"--weights {spec}: one weight per --dims width ({len(args.dims)})")
+            extra += ["--set", f"loss.matryoshka_weights=[{spec}]"]
+        arms[f"Matryoshka {spec}"] = extra
     scored = [d for d in dims if d < WIDTH]
     # scores[arm][seed][width][task]
     scores: dict[str, dict[int, dict[str, dict[str, float]]]] = {arm: {} for arm in arms}
@@ -75,13 +90,13 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(work / "data")],
                        check=True, stdout=subprocess.DEVNULL)
         for seed in args.seeds:
-            for arm, extra in arms.items():
-                name = f"{arm}-{seed}"
+            for index, (arm, extra) in enumerate(arms.items()):
+                name = f"arm{index}-{seed}"
                 overrides = [x for item in RECIPE + [f"train.seed={seed}"] for x in ("--set", item)] + extra
                 run(args.batch, args.steps, 1, work / "data" / "train.jsonl", work, overrides, name)
                 scores[arm][seed] = width_scores(work / name / "final", scored, work / f"{name}.json")
                 means = {w: statistics.mean(s.values()) for w, s in scores[arm][seed].items()}
-                print(f"seed {seed} {arm:<10} suite mean " + "  ".join(f"@{w}: {m:.4f}" for w, m in means.items()),
+                print(f"seed {seed} {arm:<22} suite mean " + "  ".join(f"@{w}: {m:.4f}" for w, m in means.items()),
                       flush=True)
     write_report(args, dims, scores)
     return 0
@@ -95,9 +110,10 @@ def write_report(args, dims: list[int], scores) -> None:
     def mean_over_tasks(arm: str, seed: int, width: str) -> float:
         return statistics.mean(scores[arm][seed][width].values())
 
-    lines = [f"Matryoshka (`loss.matryoshka_dims: {dims}`, equal weights) against plain training: built-in default, "
-             f"quickstart config with `{' '.join(RECIPE)}`, batch {args.batch}, packaged chatterbot pairs, {args.steps} steps, "
-             f"one CPU process, seeds {', '.join(map(str, args.seeds))} (same data, steps and seed for both arms). "
+    lines = [f"Matryoshka (`loss.matryoshka_dims: {args.dims}`, weights as named: `equal` is 1 each) against plain "
+             f"training: built-in default, quickstart config with `{' '.join(RECIPE)}`, batch {args.batch}, "
+             f"packaged chatterbot pairs, {args.steps} steps, "
+             f"one CPU process, seeds {', '.join(map(str, args.seeds))} (same data, steps and seed for every arm). "
              "Offline-suite main scores of the first d dimensions, re-normalised (`llmembed.evaluate --dim d`); "
              "each cell is the mean over seeds; `suite mean` is the mean over the tasks, per seed.", "",
              "| width | training | " + " | ".join(SHORT.get(t, t) for t in tasks) + " | suite mean (per seed) | "
@@ -115,7 +131,7 @@ def write_report(args, dims: list[int], scores) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.8))
     xs = [int(w) if w != "full" else max(dims) for w in widths]
-    for arm, style in zip(arms, ("o--", "s-")):
+    for arm, style in zip(arms, ("o--", "s-", "^-", "v-", "D-")):
         means = [statistics.mean(mean_over_tasks(arm, s, w) for s in args.seeds) for w in widths]
         line, = ax.plot(xs, means, style, label=arm)
         for seed in args.seeds:
