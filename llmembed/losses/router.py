@@ -70,8 +70,8 @@ class LossConfig:
     # Matryoshka: every pair loss is also taken on these prefix widths of the embeddings
     # (re-normalised) and summed with matryoshka_weights (default 1 each); include the full
     # width to train it too. The trained widths are saved in the model's serving contract.
-    # Equal weights cost the full width (bench/results/matryoshka.md: 0.424 vs 0.453 on the
-    # suite); weighting it as much as all the prefixes together kept it at 0.449.
+    # Equal weights cost the full width; weighting it as much as all the prefixes together
+    # kept it (measured in bench/results/matryoshka.md).
     matryoshka_dims: list[int] | None = bounded(None, ge=1)
     matryoshka_weights: list[float] | None = bounded(None, ge=0.0)
 
