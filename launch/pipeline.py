@@ -44,9 +44,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmembed.outputs import Kind, OutputError, check_output, folder_with, write_text
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 MIN_TEACHER_SCORE = 0.4
+PIPELINE_KIND = Kind("a pipeline folder (no stages/ in it)", folder=True, recognise=folder_with("stages"))
 
 
 @dataclass
@@ -94,29 +97,35 @@ class Pipeline:
                     "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.times: dict[str, float] = {}
 
-    def stage(self, name: str, commands: list[list[str]], inputs: tuple[Path, ...] = ()) -> None:
+    def stage(self, name: str, commands: list[list[str]], inputs: tuple[Path | str | None, ...] = (),
+              outputs: tuple[Path, ...] = ()) -> None:
         """Run ``commands`` unless ``name`` finished before with the same commands on the same
-        ``inputs`` (files whose content the commands read: an edited config or a regenerated
-        data file reruns the stage even though its command line is unchanged)."""
+        ``inputs`` (every file and folder the commands read: an edited config, a regenerated
+        data file or a retrained teacher reruns the stage though its command line is unchanged)
+        and its ``outputs`` are all still there (a deleted output is made again)."""
         marker = self.stages / f"{name}.json"
-        inputs_now = {str(p): fingerprint(p) for p in inputs}
+        shown = [[_shown(arg) for arg in command] for command in commands]  # no credentials on disk
+        inputs_now = {str(p): fingerprint(Path(p)) for p in inputs if p is not None}
         if marker.is_file():
             done = json.loads(marker.read_text())
-            if done.get("commands") == commands and done.get("inputs", {}) == inputs_now:
+            missing = [str(p) for p in outputs if not p.exists()]
+            if done.get("commands") == shown and done.get("inputs", {}) == inputs_now and not missing:
                 self.times[name] = done["wall_s"]
                 print(f"[pipeline] {name}: done before, skipped", flush=True)
                 return
+            if missing:
+                print(f"[pipeline] {name}: output {missing[0]} is missing; running it again", flush=True)
         print(f"[pipeline] {name} ...", flush=True)
         started = time.perf_counter()
-        for command in commands:
-            print("  $ " + " ".join(command), flush=True)
+        for command, line in zip(commands, shown):
+            print("  $ " + " ".join(line), flush=True)
             result = subprocess.run(command, cwd=REPO, env=self.env)
             if result.returncode != 0:
                 raise SystemExit(f"[pipeline] stage {name} failed (exit {result.returncode}); fix and rerun: "
                                  "finished stages are kept")
         self.times[name] = round(time.perf_counter() - started, 1)
-        marker.write_text(json.dumps({"commands": commands, "inputs": inputs_now, "wall_s": self.times[name]},
-                                     indent=2))
+        write_text(marker, json.dumps({"commands": shown, "inputs": inputs_now, "wall_s": self.times[name]},
+                                      indent=2))
 
     def run(self) -> None:
         from llmembed.encoders import reference_model_dir
@@ -124,32 +133,36 @@ class Pipeline:
         opts = self.settings
         teacher = opts.teacher or str(reference_model_dir())
         reranker = ["--cross-encoder", opts.cross_encoder] if opts.cross_encoder else []
+        generator = opts.generator if Path(opts.generator).is_dir() else None
         synth = self.out / "synth"
+        merged = synth / "merged"
         self.stage("synth", [
             [PY, "-m", "synth.generate", "--out", str(synth), "--backend", opts.synth_backend, "--model", opts.generator,
              "--categories", "short_long", "short_short", "--num-tasks", str(opts.synth_tasks),
              "--examples-per-task", str(opts.synth_examples), "--temperature", str(opts.synth_temperature),
              "--max-tokens", "256", "--max-field-chars", "400", "--no-progress",
              *(["--languages", *opts.synth_languages] if opts.synth_languages else []), *opts.synth_args],
-            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.5"],
-        ])
+            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.5", "--overwrite"],
+        ], inputs=(generator,), outputs=(merged / "train.jsonl", merged / "heldout.jsonl"))
         # Both splits pass the same checks: a held-out pair the teacher calls unrelated measures noise.
         filtered = self.filter_synthetic(synth / "merged" / "train.jsonl", "synth_train", teacher)
         synth_heldout = self.filter_synthetic(synth / "merged" / "heldout.jsonl", "synth_heldout", teacher)
-        self.stage("data", [[PY, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(self.data / "chatterbot")]])
+        chatterbot = self.data / "chatterbot"
+        self.stage("data", [[PY, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(chatterbot), "--overwrite"]],
+                   outputs=(chatterbot / "train.jsonl", chatterbot / "heldout.jsonl"))
+        mined = self.data / "chatterbot_mined.jsonl"
         self.stage("mine", [
-            [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(self.data / "chatterbot" / "train.jsonl"),
-             "--out", str(self.data / "chatterbot_mined.jsonl"), "--ranks", opts.ranks,
-             "--num-negatives", str(opts.num_negatives), "--no-progress", *reranker],
-        ], inputs=(self.data / "chatterbot" / "train.jsonl",))
+            [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(chatterbot / "train.jsonl"),
+             "--out", str(mined), "--ranks", opts.ranks, "--num-negatives", str(opts.num_negatives), "--no-progress",
+             "--overwrite", *reranker],
+        ], inputs=(chatterbot / "train.jsonl", teacher, opts.cross_encoder), outputs=(mined,))
         config = opts.train_config
         # One training file: the few synthetic pairs that pass both filters on CPU would be a
         # dataset smaller than one batch; with the real pairs they share batches (a record
         # without hard negatives borrows other records' positives).
         mixed = self.data / "train_mixed.jsonl"
-        self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed),
-                                str(self.data / "chatterbot_mined.jsonl"), str(filtered)]],
-                   inputs=(self.data / "chatterbot_mined.jsonl", filtered))
+        self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed), str(mined),
+                                str(filtered)]], inputs=(mined, filtered), outputs=(mixed,))
         # One run folder per (config, data, seed): an edited config trains anew instead of
         # resuming checkpoints made under the old one, and every later stage follows the new folder.
         key = fingerprint(config, mixed)[:10]
@@ -160,44 +173,46 @@ class Pipeline:
             self.stage(f"train_seed{seed}", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
                                               str(REPO / "launch" / "train.py"), "--config", str(config), "--resume",
                                               "auto", *(arg for o in overrides for arg in ("--set", o))]],
-                       inputs=(config, mixed))
+                       inputs=(config, mixed, teacher), outputs=(final_model_dir(config, overrides),))
             finals.append(final_model_dir(config, overrides))
         final = finals[0]
         if len(finals) > 1 or opts.merge_scale != 1.0:  # a model soup, its change from the base scaled
             final = self.out / f"merged-{key}"
             self.stage("merge", [[PY, "-m", "llmembed.merge", *map(str, finals), "--method", "linear",
                                   "--scale", f"{opts.merge_scale:g}", "--overwrite", "--out", str(final)]],
-                       inputs=tuple(finals))
+                       inputs=tuple(finals), outputs=(final,))
         records = ["--data", str(synth_heldout)] if synth_heldout.stat().st_size else []
         self.stage("evaluate", [[PY, "-m", "llmembed.evaluate", "--model", str(final), "--suite", "offline",
-                                 *records, "--reference", "--baseline", "--json", str(self.out / "scores.json")]],
-                   inputs=(final, synth_heldout))
+                                 *records, "--reference", "--baseline", "--json", str(self.out / "scores.json"),
+                                 "--overwrite"]],
+                   inputs=(final, synth_heldout), outputs=(self.out / "scores.json",))
         export = self.out / "export"
         vllm = [f"--vllm-python={REPO / '.venv-vllm' / 'bin' / 'python'}"] if (REPO / ".venv-vllm" / "bin" /
                                                                                "python").is_file() else []
         self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(final), "--out", str(export),
-                               "--overwrite", *vllm]], inputs=(final,))
+                               "--overwrite", *vllm]], inputs=(final,), outputs=(export,))
         self.stage("serve", [
             [PY, "-m", "llmembed.evaluate", "--model", str(export), "--backend", "sentence-transformers",
-             "--suite", "offline", *records, "--json", str(self.out / "scores_export_st.json")],
-            [PY, str(REPO / "launch" / "pipeline.py"), "--answer", str(export),
-             str(self.data / "chatterbot" / "heldout.jsonl")],
-        ], inputs=(export, synth_heldout))
+             "--suite", "offline", *records, "--json", str(self.out / "scores_export_st.json"), "--overwrite"],
+            [PY, str(REPO / "launch" / "pipeline.py"), "--answer", str(export), str(chatterbot / "heldout.jsonl")],
+        ], inputs=(export, synth_heldout, chatterbot / "heldout.jsonl"), outputs=(self.out / "scores_export_st.json",))
         self.report()
 
     def filter_synthetic(self, source: Path, name: str, teacher: str) -> Path:
         """Cheap text checks, then the teacher's score filter (Conan's: positive under 0.4 dropped)."""
         sane, filtered = self.data / f"{name}_sane.jsonl", self.data / f"{name}.jsonl"
         self.stage(f"{name}_sanity", [[PY, str(REPO / "launch" / "pipeline.py"), "--sanity-filter", str(source),
-                                       str(sane)]], inputs=(source,))
+                                       str(sane)]], inputs=(source,), outputs=(sane,))
         if sum(1 for line in sane.read_text(encoding="utf-8").splitlines() if line.strip()) < 2:
             print(f"[pipeline] {name}: fewer than 2 pairs passed the text checks; none kept", flush=True)
-            filtered.write_text("")
+            write_text(filtered, "")
             return filtered
+        if filtered.is_file() and not filtered.stat().st_size:
+            filtered.unlink()  # the placeholder above, from a run with fewer pairs: mine writes it now
         self.stage(f"{name}_filter", [
             [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(sane), "--out", str(filtered),
              "--min-positive-score", str(MIN_TEACHER_SCORE), "--ranks", "0:1", "--num-negatives", "1",
-             "--keep-existing-negatives", "--no-progress"]], inputs=(sane,))
+             "--keep-existing-negatives", "--no-progress", "--overwrite"]], inputs=(sane, teacher), outputs=(filtered,))
         return filtered
 
     def report(self) -> None:
@@ -227,16 +242,29 @@ def final_model_dir(config: Path, overrides: list[str]) -> Path:
 
 
 def fingerprint(*paths: Path) -> str:
-    """sha256 over the files' contents; a folder counts as its files (names and contents), a
-    missing path as empty."""
+    """sha256 over the files' contents; a folder counts as its files (names and contents, large
+    weight files by their ends: :func:`llmembed.encoders.folder_fingerprint`), a missing path as
+    empty."""
+    from llmembed.encoders import folder_fingerprint
+
     digest = hashlib.sha256()
     for path in paths:
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for f in files:
-            digest.update(str(f.relative_to(path) if path.is_dir() else "").encode() + b"\0")
-            digest.update(f.read_bytes() if f.is_file() else b"")
+        if path.is_dir():
+            digest.update(folder_fingerprint(path).encode())
+        elif path.is_file():
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _shown(arg: str) -> str:
+    """A command-line argument fit to print and record: URLs lose their credentials."""
+    if "://" not in arg:
+        return arg
+    from synth.backends.openai_backend import redact_url
+
+    flag, sep, url = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    return flag + sep + redact_url(url)
 
 
 _LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)
@@ -265,7 +293,7 @@ def sanity_filter(source: Path, target: Path) -> None:
             dropped["query_equals_positive"] += 1
         else:
             kept.append(line)
-    target.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+    write_text(target, "".join(l + "\n" for l in kept))
     print(f"sanity filter: kept {len(kept)}, dropped {dict(dropped)}")
 
 
@@ -335,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concat:
         target, *sources = (Path(p) for p in args.concat)
         text = "".join(p.read_text(encoding="utf-8") for p in sources)
-        target.write_text(text, encoding="utf-8")
+        write_text(target, text)
         print(f"{target}: {sum(1 for l in text.splitlines() if l.strip())} records from {len(sources)} files")
         return 0
     if args.sanity_filter:
@@ -344,7 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.answer:
         answer(Path(args.answer[0]), Path(args.answer[1]))
         return 0
-    Pipeline(Path(args.out).absolute(), settings_of(args)).run()
+    settings = settings_of(args)
+    out = Path(args.out).absolute()
+    try:
+        inputs = [settings.train_config, settings.teacher, settings.cross_encoder,
+                  settings.generator if Path(settings.generator).is_dir() else None]
+        check_output(out, inputs=inputs, kind=PIPELINE_KIND, continues=True)
+    except OutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Pipeline(out, settings).run()
     return 0
 
 

@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
-$PY -m llmembed.data.packaged chatterbot --out runs/quickstart/data
+$PY -m llmembed.data.packaged chatterbot --out runs/quickstart/data --overwrite
 PATH="$PWD/.venv/bin:$PATH" deepspeed launch/train.py --config launch/configs/quickstart.yaml --resume auto "$@"
 $PY -m llmembed.evaluate --model runs/quickstart/run/final --data runs/quickstart/data/heldout.jsonl --baseline \
-    --json runs/quickstart/scores.json
+    --json runs/quickstart/scores.json --overwrite
 VLLM=()
 if [ -x .venv-vllm/bin/python ]; then VLLM=(--vllm-python .venv-vllm/bin/python); fi
 $PY -m llmembed.export --model runs/quickstart/run/final --out runs/quickstart/export --overwrite "${VLLM[@]}"

@@ -18,6 +18,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
+from llmembed.model import DAMAGED_WEIGHTS
+from llmembed.remote_code import LATENT_MODULE_TYPE, check_no_remote_code
 from llmembed.serving import SERVING_FILE, ServingContract
 
 BACKENDS = ("auto", "llmembed", "sentence-transformers")
@@ -47,6 +49,18 @@ def folder_fingerprint(folder: Path) -> str:
                 handle.seek(size - chunk)
                 digest.update(handle.read(chunk))
     return digest.hexdigest()
+
+
+def _weights_fingerprint(folder: Path, model) -> str:
+    """The fingerprint of every weight file a loaded model came from: its folder, and for a
+    LoRA folder the backbone it names (replacing that backbone in place changes the vectors)."""
+    from llmembed.backbone import resolve_backbone_path
+
+    base = Path(resolve_backbone_path(model.config.backbone.name_or_path)).resolve()
+    inside = base == folder.resolve() or folder.resolve() in base.parents
+    if not (folder / "adapter").is_dir() or inside or not base.is_dir():
+        return folder_fingerprint(folder)
+    return hashlib.sha256(f"{folder_fingerprint(folder)}+{folder_fingerprint(base)}".encode()).hexdigest()
 
 
 def _name(folder: Path) -> str:
@@ -166,6 +180,30 @@ class TextEncoder:
         return self.truncate_dim or self.full_dim
 
 
+def load_sentence_transformer(folder: str | Path, trust_remote_code: bool = False, **kwargs: Any):
+    """``SentenceTransformer(folder)`` after the folder passed the remote-code check. Our own
+    module classes (the latent-attention head) are handed over as classes, so loading them
+    needs no ``trust_remote_code`` (which would also let the folder's configs run code)."""
+    check_no_remote_code(folder, trust_remote_code)
+    from sentence_transformers import SentenceTransformer
+
+    kwargs = dict(device="cpu", local_files_only=True, **kwargs)
+    try:
+        if not trust_remote_code and hasattr(SentenceTransformer, "_load_with_module_classes"):
+            from llmembed.st_modules import LatentAttentionPooling
+
+            return SentenceTransformer._load_with_module_classes(
+                str(folder), {LATENT_MODULE_TYPE: LatentAttentionPooling}, **kwargs)
+        return SentenceTransformer(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    except DAMAGED_WEIGHTS as err:
+        raise EncoderError(f"{folder}: damaged weight file ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "unreadable"
+
+
 def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: bool = False,
                  batch_size: int = 32) -> TextEncoder:
     """The encoder for ``folder`` (see the module docstring); a folder that is neither kind is
@@ -185,16 +223,14 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
         from llmembed.model import EmbeddingModel
 
         model = EmbeddingModel.load(folder, trust_remote_code=trust_remote_code)
-        return TextEncoder(_name(folder), folder_fingerprint(folder), model, "llmembed", batch_size=batch_size)
+        return TextEncoder(_name(folder), _weights_fingerprint(folder, model), model, "llmembed",
+                           batch_size=batch_size)
     if not is_st:
         raise EncoderError(f"{folder}: not a model folder (no {SERVING_FILE} and no sentence-transformers "
                            "modules.json)")
     if not any(folder.rglob("*.safetensors")) and not any(folder.rglob("*.bin")):
         raise EncoderError(f"{folder}: has no weights (*.safetensors)")
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code,
-                                local_files_only=True)
+    model = load_sentence_transformer(folder, trust_remote_code)
     prefix_of = passage_prefix = None
     if ours:  # an export served through sentence-transformers: our prompt format as its prompts
         contract = ServingContract.load(folder)
@@ -241,11 +277,12 @@ def load_cross_encoder(folder: str | Path, trust_remote_code: bool = False, batc
         raise EncoderError(f"{folder}: not a cross-encoder folder (no config.json)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise EncoderError(f"{folder}: has no weights (*.safetensors)")
+    check_no_remote_code(folder, trust_remote_code)
     from sentence_transformers import CrossEncoder
 
     try:
         model = CrossEncoder(str(folder), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, *DAMAGED_WEIGHTS) as err:
         raise EncoderError(f"{folder}: cannot load as a cross-encoder ({str(err).splitlines()[0]})") from None
     if model.num_labels != 1:
         raise EncoderError(f"{folder}: a reranker has one output label, this model has {model.num_labels}")

@@ -30,22 +30,21 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from llmembed.backbone import dtype_name, set_bidirectional
-from llmembed.folders import swap_into_place
 from llmembed.lora import is_peft_model
-from llmembed.model import EmbeddingModel
+from llmembed.model import EmbeddingModel, model_inputs
+from llmembed.outputs import Kind, check_output, staged_folder
+from llmembed.remote_code import LATENT_MODULE_TYPE
 from llmembed.serving import SERVING_FILE, ServingContract
 
 logger = logging.getLogger("llmembed.export")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-LATENT_MODULE_TYPE = "llmembed.st_modules.LatentAttentionPooling"
 
 
 class ExportError(RuntimeError):
@@ -67,8 +66,7 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    out = Path(out_dir)
-    _check_destination(Path(model_dir), out, overwrite)
+    out = check_output(out_dir, inputs=model_inputs(model_dir), kind=EXPORT_KIND, overwrite=overwrite)
     vllm_python = vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON")
     if verify and vllm_python:
         from llmembed.verify import vllm_interpreter
@@ -77,20 +75,17 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
     # Merge in fp32 so the LoRA product is added at full precision, then cast.
     model = EmbeddingModel.load(model_dir, trust_remote_code=trust_remote_code, dtype="float32",
                                 attn_implementation="sdpa", quantization=None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
+    rejected = out.parent / f"{out.name}.unverified"
+    with staged_folder(out) as staging:
         report = _build(model, Path(model_dir), staging, out.name, dtype, instruction, verify, vllm_python)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if report is not None and not report.ok:
-        rejected = out.parent / f"{out.name}.unverified"
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(staging, rejected)
-        raise ExportError(f"serving parity check failed ({report.summary()}); {out} was left as it was, the "
-                          f"unverified export is in {rejected}")
-    swap_into_place(staging, out)
+        if report is not None and not report.ok:
+            # Kept for inspection beside the untouched output (replacing an earlier one only).
+            if rejected.exists() and not (rejected / SERVING_FILE).is_file():
+                raise ExportError(f"serving parity check failed ({report.summary()}); {out} was left as it was")
+            shutil.rmtree(rejected, ignore_errors=True)
+            shutil.copytree(staging, rejected)
+            raise ExportError(f"serving parity check failed ({report.summary()}); {out} was left as it was, the "
+                              f"unverified export is in {rejected}")
     logger.info("Exported %s -> %s", model_dir, out)
     return out
 
@@ -99,21 +94,7 @@ def _looks_like_export(folder: Path) -> bool:
     return (folder / SERVING_FILE).is_file() and (folder / "modules.json").is_file()
 
 
-def _check_destination(model_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that would destroy the model or anything not made by an export."""
-    source, target = model_dir.resolve(), out.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        raise ExportError(f"--out {out} is, contains or lies inside the model folder {model_dir}; choose another")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
-    if any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace a previous export")
-        if not _looks_like_export(out):
-            raise ExportError(f"{out} is not an llmembed export (no {SERVING_FILE} and modules.json); --overwrite "
-                              "replaces only previous exports, never other folders")
+EXPORT_KIND = Kind("an llmembed export", folder=True, recognise=_looks_like_export)
 
 
 def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: str, instruction: str | None,
@@ -152,8 +133,8 @@ def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: 
 
         pooling = LatentAttentionPooling.from_head(model.pooling)
     else:
-        mode = {"last_token": "lasttoken", "mean": "mean"}[contract.pooling.kind]
-        pooling = Pooling(model.pooling.hidden_size, pooling_mode=mode, include_prompt=contract.pooling.include_instruction)
+        pooling = Pooling(model.pooling.hidden_size, pooling_mode=contract.st_pooling_mode(),
+                          include_prompt=contract.pooling.include_instruction)
     modules = [transformer, pooling] + ([Normalize()] if contract.normalize else [])
     st = SentenceTransformer(
         modules=modules,

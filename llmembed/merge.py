@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -40,9 +38,9 @@ import torch
 
 from llmembed.argtypes import float_in
 from llmembed.backbone import load_backbone
-from llmembed.folders import swap_into_place
 from llmembed.lora import is_peft_model
-from llmembed.model import CONFIG_FILE, EmbeddingModel
+from llmembed.model import CONFIG_FILE, EmbeddingModel, model_inputs
+from llmembed.outputs import Kind, OutputError, check_output, folder_with, staged_folder
 
 METHODS = ("linear", "slerp")
 _PARALLEL = 0.9995  # |cos| above this: slerp's sin(omega) is too small to divide by
@@ -50,6 +48,9 @@ _PARALLEL = 0.9995  # |cos| above this: slerp's sin(omega) is too small to divid
 
 class MergeError(ValueError):
     """Inputs that cannot be merged; the message names the folder and what differs."""
+
+
+MERGE_KIND = Kind("a model folder", folder=True, recognise=folder_with(CONFIG_FILE))
 
 
 def _without_lora(model: EmbeddingModel) -> EmbeddingModel:
@@ -114,8 +115,8 @@ def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear"
     another kind of folder). The merge is written beside ``out`` and renamed into place when
     complete, so a killed merge leaves no half-written model behind.
     """
-    out = Path(out)
-    _check_destination(out, overwrite)
+    out = check_output(out, inputs=[p for folder in folders for p in model_inputs(folder)], kind=MERGE_KIND,
+                       overwrite=overwrite)
     if method not in METHODS:
         raise MergeError(f"method must be one of {METHODS}, got {method!r}")
     if scale <= 0:
@@ -148,14 +149,8 @@ def merge(folders: Sequence[str | Path], out: str | Path, method: str = "linear"
     merged = merge_states([m.state_dict() for m in models], method, weights, names, base, scale)
     target = models[0]
     target.load_state_dict(merged)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         target.save(staging)
-        swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -174,15 +169,6 @@ def _base_state(models: Sequence[EmbeddingModel], names: Sequence[str]) -> dict[
     return {f"backbone.{key}": tensor for key, tensor in pretrained.state_dict().items()}
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not overwrite:
-        raise MergeError(f"--out {out}: exists and is not an empty folder (--overwrite replaces a previous merge)")
-    if not (out / CONFIG_FILE).is_file():
-        raise MergeError(f"--out {out}: not a model folder (no {CONFIG_FILE}); --overwrite replaces only model folders")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmembed.merge", description=__doc__.split("\n\n")[1])
     parser.add_argument("models", nargs="+", help="trained model folders of the same base (LoRA or full)")
@@ -199,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:
         merge(args.models, out, args.method, args.weights, args.trust_remote_code, args.overwrite, args.scale)
-    except MergeError as err:
+    except (MergeError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     scaled = f", change x{args.scale:g}" if args.scale != 1.0 else ""

@@ -29,9 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,8 @@ import numpy as np
 
 from llmembed.argtypes import float_in, int_at_least
 from llmembed.data import DataError, Record, read_jsonl
+from llmembed.model import model_inputs
+from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
 
 logger = logging.getLogger("llmembed.mine")
 INDEXES = ("flat", "hnsw", "ivf")
@@ -122,10 +122,8 @@ class EmbeddingCache:
             chunk = np.asarray(encode(texts), dtype=np.float32)
             report.encoded += len(texts)
             if path is not None:
-                fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".npy", dir=self.folder)
-                with os.fdopen(fd, "wb") as handle:
+                with staged_file(path, "wb") as handle:
                     np.save(handle, chunk, allow_pickle=False)
-                os.replace(tmp, path)
             parts.append(chunk)
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
@@ -309,11 +307,24 @@ def _ranks(text: str) -> tuple[int, int]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    with staged_file(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+
+def stats_path(out: Path) -> Path:
+    return out.with_name(out.name + ".stats.json")
+
+
+def _is_mined_output(path: Path) -> bool:
+    """A file this command wrote: its counts lie beside it."""
+    return any_json_with("records_in", "model_fingerprint")(stats_path(path))
+
+
+MINED_KIND = Kind("mined records written by llmembed.mine (no OUT.stats.json beside it)", folder=False,
+                  recognise=_is_mined_output)
+STATS_KIND = Kind("mining counts", folder=False, recognise=any_json_with("records_in", "model_fingerprint"))
+CACHE_KIND = Kind("an embedding cache", folder=True, recognise=lambda path: True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-existing-negatives", action="store_true")
     parser.add_argument("--backend", choices=("auto", "llmembed", "sentence-transformers"), default="auto")
     parser.add_argument("--cache-dir", help="embedding cache (default: OUT.cache)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier --out of this command")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -345,10 +357,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     try:
-        if out.resolve() == Path(args.input).resolve():
-            raise ValueError(f"--out {out}: is the input file; write the mined records elsewhere")
-        if not out.absolute().parent.is_dir():
-            raise FileNotFoundError(f"--out {out}: no such folder {out.parent}")
+        inputs = [args.input, args.corpus, args.cross_encoder,
+                  *(model_inputs(args.model) if Path(args.model).is_dir() else [])]
+        check_output(out, inputs=inputs, kind=MINED_KIND, overwrite=args.overwrite)
+        check_output(stats_path(out), inputs=inputs, kind=STATS_KIND, overwrite=args.overwrite)
+        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
+        # A rerun reads the cache it wrote: it continues, whatever --overwrite says.
+        check_output(cache, inputs=inputs, kind=CACHE_KIND, flag="--cache-dir", continues=True)
         settings = MineSettings(rank_start=args.ranks[0], rank_end=args.ranks[1], num_negatives=args.num_negatives,
                                 positive_ratio=None if args.no_positive_filter else args.positive_ratio,
                                 min_positive_score=args.min_positive_score, index=args.index,
@@ -363,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         encoder = load_encoder(args.model, args.backend, args.trust_remote_code, args.batch_size)
         reranker = (load_cross_encoder(args.cross_encoder, args.trust_remote_code, args.batch_size)
                     if args.cross_encoder else None)
-        cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
         mined, report = mine(records, corpus, encoder, settings, cache, progress=not args.no_progress,
                              reranker=reranker)
     except (DataError, EncoderError, ValueError, OSError) as err:
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
              **({"cross_encoder": reranker.name, "cross_encoder_fingerprint": reranker.fingerprint} if reranker else {}),
              "settings": vars(settings),
              **report.to_json()}
-    out.with_name(out.name + ".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_text(stats_path(out), json.dumps(stats, indent=2) + "\n")
     print(f"mined {report.records_out}/{report.records_in} records, {report.negatives_written} negatives -> {out}")
     for reason, count in sorted(report.dropped_records.items()):
         print(f"  records dropped, {reason}: {count}")

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from llmembed.backbone import (
@@ -42,10 +43,13 @@ from llmembed.lora import LoraSettings, apply_lora, is_peft_model, load_lora
 from llmembed.packing import pack
 from llmembed.pooling import Pooling, PoolingConfig, build_pooling
 from llmembed.prompts import PromptConfig
+from llmembed.remote_code import check_no_remote_code
 from llmembed.serving import SERVING_FILE, ServingContract
 from llmembed.tokenization import EmbeddingTokenizer, Instructions
 
 logger = logging.getLogger(__name__)
+# What a truncated or corrupted safetensors file raises while loading.
+DAMAGED_WEIGHTS = (SafetensorError, EOFError)
 
 CONFIG_FILE = "llmembed_config.json"
 FORMAT_VERSION = 2
@@ -98,17 +102,57 @@ class EmbeddingModelConfig:
                    max_length=contract.max_length, matryoshka_dims=contract.matryoshka_dims)
 
 
-def _refuse_remote_code(folder: Path, parts: list[Path], trust_remote_code: bool) -> None:
-    """transformers runs a folder's own ``.py`` files when its configs carry an ``auto_map``
-    and remote code is trusted; without the caller's consent, refuse such a folder."""
-    if trust_remote_code:
-        return
-    for part in parts:
-        for name in ("config.json", "tokenizer_config.json", "adapter_config.json"):
-            path = part / name
-            if path.is_file() and "auto_map" in json.loads(path.read_text()):
-                raise ValueError(f"{path} asks to run code shipped in {folder} (auto_map). Load it only if you "
-                                 "trust that code: pass trust_remote_code=True (--trust-remote-code)")
+def _weight_files_missing(folder: Path, rel: str) -> list[str]:
+    """The weight files a Hugging Face folder lacks: at least one ``*.safetensors``, and every
+    shard its index lists."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except ValueError:
+            return [f"{rel}model.safetensors.index.json (not valid JSON)"]
+        return [f"{rel}{name}" for name in shards if not (folder / name).is_file()]
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return []
+    return [f"{rel}*.safetensors"]
+
+
+def missing_files(folder: str | Path) -> list[str]:
+    """What a trained model folder or an export lacks to load (paths relative to it): a
+    half-copied folder is named with its missing files instead of failing deep in a loader."""
+    folder = Path(folder)
+    tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer.model")
+    if (folder / CONFIG_FILE).is_file():
+        missing = [name for name in (SERVING_FILE, "tokenizer/tokenizer_config.json") if not (folder / name).is_file()]
+        if not any((folder / "tokenizer" / name).is_file() for name in tokenizer_files):
+            missing.append("tokenizer/tokenizer.json")
+        if (folder / "adapter").is_dir():
+            missing += [f"adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")
+                        if not (folder / "adapter" / n).is_file()]
+        else:
+            missing += [] if (folder / "backbone" / "config.json").is_file() else ["backbone/config.json"]
+            missing += _weight_files_missing(folder / "backbone", "backbone/")
+        return missing
+    missing = [name for name in (SERVING_FILE, "config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in tokenizer_files):
+        missing.append("tokenizer.json")
+    return missing + _weight_files_missing(folder, "")
+
+
+def model_inputs(model_dir: str | Path) -> list[Path]:
+    """What loading a model folder reads: the folder, and for a LoRA folder the backbone it
+    names (an output must not land in either)."""
+    folder = Path(model_dir)
+    inputs = [folder]
+    config_file = folder / CONFIG_FILE
+    if (folder / "adapter").is_dir() and config_file.is_file():
+        try:
+            source = json.loads(config_file.read_text()).get("backbone", {}).get("name_or_path")
+        except ValueError:
+            source = None
+        if source and Path(source).is_dir():
+            inputs.append(Path(source))
+    return inputs
 
 
 class EmbeddingModel(nn.Module):
@@ -188,13 +232,18 @@ class EmbeddingModel(nn.Module):
         switch it on for itself, and one that needs it is refused with a message saying how.
         """
         folder = Path(folder)
-        if (folder / CONFIG_FILE).is_file():
-            _refuse_remote_code(folder, [folder / "tokenizer", folder / "backbone", folder / "adapter"],
-                                trust_remote_code)
-            return cls._load_trained(folder, trainable, trust_remote_code, backbone_overrides)
-        if (folder / SERVING_FILE).is_file() and (folder / "config.json").is_file():
-            _refuse_remote_code(folder, [folder], trust_remote_code)
-            return cls._load_export(folder, trust_remote_code, backbone_overrides)
+        check_no_remote_code(folder, trust_remote_code)
+        if (folder / CONFIG_FILE).is_file() or (folder / SERVING_FILE).is_file():
+            missing = missing_files(folder)
+            if missing:
+                raise FileNotFoundError(f"{folder}: incomplete model folder (half copied?), missing "
+                                        f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+            load = cls._load_trained if (folder / CONFIG_FILE).is_file() else cls._load_export
+            try:
+                return load(folder, trainable, trust_remote_code, backbone_overrides)
+            except DAMAGED_WEIGHTS as err:
+                raise ValueError(f"{folder}: damaged weight file ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'unreadable'})") from None
         raise FileNotFoundError(f"{folder} is not an llmembed model folder (no {CONFIG_FILE}) nor an llmembed "
                                 f"export (no {SERVING_FILE})")
 
@@ -218,6 +267,8 @@ class EmbeddingModel(nn.Module):
             config = replace(config, backbone=replace(config.backbone, **overrides))
         tokenizer = load_tokenizer(str(folder / "tokenizer"), config.backbone.trust_remote_code)
         if (folder / "adapter").is_dir():
+            # The adapter's base is another folder, read like this one.
+            check_no_remote_code(resolve_backbone_path(config.backbone.name_or_path), trust_remote_code)
             backbone = load_backbone(config.backbone)
             backbone = load_lora(backbone, str(folder / "adapter"), trainable=trainable)
         else:
@@ -227,7 +278,8 @@ class EmbeddingModel(nn.Module):
         return cls(config, backbone, tokenizer, pooling, contract)
 
     @classmethod
-    def _load_export(cls, folder: Path, trust_remote_code: bool, overrides: dict[str, Any]) -> "EmbeddingModel":
+    def _load_export(cls, folder: Path, trainable: bool, trust_remote_code: bool,
+                     overrides: dict[str, Any]) -> "EmbeddingModel":
         from llmembed.export import pooling_weights_dir
 
         contract = ServingContract.load(folder)

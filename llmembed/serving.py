@@ -87,6 +87,11 @@ class ServingContract:
         return self.prompts.passage_prefix()
 
     # ------------------------------------------------------------------ what servers can do
+    def st_pooling_mode(self) -> str | None:
+        """sentence-transformers' ``Pooling`` mode for this pooling, or None when it has none
+        (latent attention ships a module of our own)."""
+        return {"last_token": "lasttoken", "mean": "mean"}.get(self.pooling.kind)
+
     def vllm_unsupported(self) -> str | None:
         """Why vLLM cannot serve this contract, or None when it can (from the export alone)."""
         if self.pooling.kind == "latent_attention":

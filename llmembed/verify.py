@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llmembed.outputs import Kind, any_json_with, check_output, write_text
 from llmembed.serving import ServingContract
 
 FP32_MIN_COS = 0.9999
 LOW_PRECISION_MIN_COS = 0.999
 WORKER = Path(__file__).with_name("vllm_embed.py")
-_TRUSTED_MODULE_PREFIXES = ("sentence_transformers.", "llmembed.st_modules.")
+REPORT_KIND = Kind("a report of llmembed.verify", folder=False, recognise=any_json_with("paths", "probes"))
 
 _SENTENCES = [
     "The committee met on Tuesday to review the budget for the coming year.",
@@ -125,8 +126,11 @@ class VerifyReport:
             if p.error:
                 lines.append(f"{p.path:<28} {'-':>9} {'-':>7} {'-':>13}  ERROR: {p.error}")
                 continue
-            same = sum(a == b for a, b in zip(p.token_counts, self.reference_tokens))
             status = "ok" if p.ok else "MISMATCH"
+            if not p.cosines:  # a check of the files themselves
+                lines.append(f"{p.path:<28} {'-':>9} {'-':>7} {'-':>13}  {status}")
+                continue
+            same = sum(a == b for a, b in zip(p.token_counts, self.reference_tokens))
             lines.append(f"{p.path:<28} {min(p.cosines):>9.6f} {p.threshold:>7.4f} "
                          f"{f'{same}/{len(self.probes)}':>13}  {status}")
         for p in self.paths:
@@ -155,10 +159,15 @@ def _compare(result: PathResult, probes: list[Probe], reference: np.ndarray, ref
         return result
     result.cosines = [float(c) for c in _cosines(reference, vectors)]
     result.token_counts = list(tokens)
-    for probe, cos, n, ref_n in zip(probes, result.cosines, tokens, ref_tokens):
+    # Cosine ignores scale: the norms are compared on their own (a lost Normalize module).
+    ref_norms, norms = np.linalg.norm(reference, axis=1), np.linalg.norm(vectors, axis=1)
+    norm_tolerance = 10 * (1 - result.threshold)
+    for probe, cos, n, ref_n, norm, ref_norm in zip(probes, result.cosines, tokens, ref_tokens, norms, ref_norms):
         problems = []
         if not cos >= result.threshold:
             problems.append(f"cos {cos:.6f}")
+        if not abs(norm - ref_norm) <= norm_tolerance * max(ref_norm, 1e-6):
+            problems.append(f"norm {norm:.4f}, reference {ref_norm:.4f}")
         if n != ref_n:
             problems.append(f"{n} tokens, reference {ref_n}")
         if problems:
@@ -191,32 +200,78 @@ def _encode_reference(model, probes: list[Probe], contract: ServingContract) -> 
     return np.concatenate(vectors), tokens
 
 
-def _check_trusted_modules(export_dir: Path) -> bool:
-    """Whether sentence-transformers needs ``trust_remote_code`` here, refusing folders whose
-    modules or configs would run code from anywhere but sentence-transformers and llmembed."""
-    modules = json.loads((export_dir / "modules.json").read_text())
-    foreign = [m["type"] for m in modules if not m["type"].startswith(_TRUSTED_MODULE_PREFIXES)]
-    if foreign:
-        raise ValueError(f"{export_dir}/modules.json names modules outside sentence-transformers and llmembed: "
-                         f"{foreign}; not loading them")
-    for name in ("config.json", "tokenizer_config.json"):
-        path = export_dir / name
-        if path.is_file() and "auto_map" in json.loads(path.read_text()):
-            raise ValueError(f"{path} asks for remote code (auto_map); not loading it")
-    return any(m["type"].startswith("llmembed.") for m in modules)
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def saved_fact_mismatches(export_dir: Path, contract: ServingContract) -> list[str]:
+    """Every serving fact the export's files tell a server, compared with the contract; one
+    line per disagreement, naming the file and the fact. Servers read these files, not the
+    contract, so an edited prompt or a lost module changes what users get."""
+    found = []
+
+    def expect(where: str, fact: str, saved, wanted) -> None:
+        if saved != wanted:
+            found.append(f"{where}: {fact} is {saved!r}, the contract says {wanted!r}")
+
+    st_config = _json(export_dir / "config_sentence_transformers.json")
+    prompts = st_config.get("prompts") or {}
+    expect("config_sentence_transformers.json", "prompts.query", prompts.get("query"), contract.query_prefix())
+    expect("config_sentence_transformers.json", "prompts.document", prompts.get("document") or "",
+           contract.passage_prefix())
+    expect("config_sentence_transformers.json", "default_prompt_name", st_config.get("default_prompt_name"),
+           "document" if contract.passage_prefix() else None)
+    modules = json.loads((export_dir / "modules.json").read_text()) if (export_dir / "modules.json").is_file() else []
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
+    expect("modules.json", "a Normalize module", "Normalize" in kinds, contract.normalize)
+    backbone = _json(export_dir / "config.json")
+    pooling = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")), None)
+    if pooling is None:
+        found.append("modules.json: no pooling module")
+    elif contract.st_pooling_mode() is not None:
+        where = f"{pooling.get('path') or '.'}/config.json"
+        saved = _json(export_dir / str(pooling.get("path", "")) / "config.json")
+        expect(where, "pooling_mode", saved.get("pooling_mode"), contract.st_pooling_mode())
+        expect(where, "include_prompt", saved.get("include_prompt"), contract.pooling.include_instruction)
+        expect(where, "embedding_dimension", saved.get("embedding_dimension"), backbone.get("hidden_size"))
+    expect("sentence_bert_config.json", "max_seq_length",
+           _json(export_dir / "sentence_bert_config.json").get("max_seq_length"), contract.max_length)
+    expect("config.json", "is_causal", backbone.get("is_causal"), contract.is_causal)
+    expect("config.json", "matryoshka_dimensions", backbone.get("matryoshka_dimensions"),
+           sorted(contract.matryoshka_dims) if contract.matryoshka_dims else None)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    ids = tokenizer("a")["input_ids"]
+    expect("tokenizer", "appends EOS", bool(ids) and ids[-1] == tokenizer.eos_token_id, contract.append_eos)
+    expect("tokenizer", "has a chat template", bool(getattr(tokenizer, "chat_template", None)), False)
+    return found
 
 
 def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: list[Probe], widths: list[int]):
-    from sentence_transformers import SentenceTransformer
+    """What a sentence-transformers user calls: queries with the export's saved ``query`` prompt
+    (``prompt_name="query"``; a query of another task with its instruction as ``prompt``),
+    documents with no prompt at all (the saved default applies), the contract's output width as
+    ``truncate_dim``, and the vectors exactly as ST returns them."""
+    from llmembed.encoders import load_sentence_transformer
 
-    st = SentenceTransformer(str(export_dir), device="cpu", trust_remote_code=_check_trusted_modules(export_dir))
+    st = load_sentence_transformer(export_dir, truncate_dim=contract.output_dim)
     vectors, tokens = [], []
     cut: dict[int, list[np.ndarray]] = {width: [] for width in widths}
     for probe in probes:
-        prefix = contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()
-        vectors.append(st.encode([probe.text], prompt=prefix, convert_to_numpy=True))
+        if probe.is_query and probe.instruction is not None:
+            how, prefix = {"prompt": contract.query_prefix(probe.instruction)}, contract.query_prefix(probe.instruction)
+        elif probe.is_query:
+            how, prefix = {"prompt_name": "query"}, st.prompts.get("query", "")
+        else:
+            how, prefix = {}, st.prompts.get(st.default_prompt_name, "") if st.default_prompt_name else ""
+        vectors.append(st.encode([probe.text], convert_to_numpy=True, **how))
         for width in widths:
-            cut[width].append(st.encode([probe.text], prompt=prefix, convert_to_numpy=True, truncate_dim=width))
+            cut[width].append(st.encode([probe.text], convert_to_numpy=True, truncate_dim=width, **how))
         ids = st.tokenizer(prefix + probe.text, truncation=True, max_length=st.max_seq_length)["input_ids"]
         tokens.append(len(ids))
     by_width = {width: np.concatenate(parts).astype(np.float32) for width, parts in cut.items()}
@@ -250,6 +305,8 @@ def _transformers(export_dir: Path, contract: ServingContract, probes: list[Prob
             vector = kept.mean(dim=0) if len(kept) else torch.zeros(hidden.shape[1])
         if contract.output_dim is not None:
             vector = vector[: contract.output_dim]
+        if contract.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
         vectors.append(vector.numpy()[None])
         tokens.append(int(enc["input_ids"].shape[1]))
     return np.concatenate(vectors), tokens, str(model.dtype), {}
@@ -308,9 +365,12 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
     :class:`EmbeddingModel`; by default the export loaded by llmembed in fp32)."""
     from llmembed.model import EmbeddingModel
 
+    from llmembed.remote_code import check_no_remote_code
+
     export_dir = Path(export_dir)
     if vllm_python:
         vllm_interpreter(vllm_python)
+    check_no_remote_code(export_dir)  # before any loader reads it
     contract = ServingContract.load(export_dir)
     if reference is None:
         reference = EmbeddingModel.load(export_dir, dtype="float32", attn_implementation="sdpa")
@@ -328,7 +388,9 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
     runs.append(("vllm", (lambda: _vllm(export_dir, contract, probes, widths, vllm_python, vllm_timeout))
                  if vllm_python else None))
 
-    results = []
+    saved = PathResult("saved files")
+    saved.failures = saved_fact_mismatches(export_dir, contract)
+    results = [saved]
     for name, run in runs:
         result = PathResult(name)
         results.append(result)
@@ -366,18 +428,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="python of an environment with vLLM (default: $LLMEMBED_VLLM_PYTHON); "
                              "without it the vLLM column is skipped")
     parser.add_argument("--json", help="also write the per-probe results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier --json report of this command")
     args = parser.parse_args(argv)
     export_dir = Path(args.export)
     try:
-        if args.json and not Path(args.json).absolute().parent.is_dir():
-            raise FileNotFoundError(f"--json {args.json}: no such folder {Path(args.json).parent}")
+        if args.json:
+            check_output(args.json, inputs=[export_dir], kind=REPORT_KIND, overwrite=args.overwrite, flag="--json")
         report = verify(export_dir, args.vllm_python)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.table())
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_text(args.json, json.dumps({
             "ok": report.ok,
             "probes": [p.name for p in report.probes],
             "reference_tokens": report.reference_tokens,

@@ -18,8 +18,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from llmembed.data.schema import DataError, parse_record
+from llmembed.outputs import Kind, check_output, folder_with, staged_folder
 from synth.filters import RecordFilter
-from synth.store import atomic_write, jsonl
+from synth.store import jsonl
 
 _SHARD = re.compile(r"part(\d{3})of(\d{3})-(\d{5})\.jsonl$")
 
@@ -29,10 +31,18 @@ def manifests(out: Path) -> dict[str, dict]:
     found = {}
     for path in sorted(out.glob("manifest*.json")):
         try:
-            found[path.name] = json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except ValueError as err:
             raise ValueError(f"{path}: unreadable manifest ({err})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("run_key"), dict):
+            raise ValueError(f"{path}: not a synth manifest (no run_key)")
+        found[path.name] = manifest
     return found
+
+
+def _part(manifest: dict) -> tuple[int, int]:
+    key = manifest["run_key"]
+    return int(key.get("shard_index", 0)), int(key.get("num_shards", 1))
 
 
 def shard_files(out: Path) -> list[Path]:
@@ -40,19 +50,42 @@ def shard_files(out: Path) -> list[Path]:
     return sorted(files, key=lambda p: tuple(int(x) for x in _SHARD.search(p.name).groups()))
 
 
-def check_complete(out: Path) -> None:
+def check_one_run(out: Path, allow_partial: bool) -> list[Path]:
+    """The shards of one run, all its parts present (and finished, unless ``allow_partial``):
+    parts of other runs (another model, seed, temperature...) or of another shard count are
+    refused, naming what differs or is missing. Returns the shard files to merge."""
     found = manifests(out)
     if not found:
         raise ValueError(f"{out}: no synth manifest; is this a synth --out folder?")
-    parts = {m.get("run_key", {}).get("num_shards", 1) for m in found.values()}
-    expected = max(parts) if parts else 1
-    if len(found) < expected:
-        raise ValueError(f"{out}: {len(found)} of {expected} parts have started; run the missing shard indexes "
-                         "first or pass --allow-partial")
+    first_name, first = next(iter(found.items()))
+
+    def settings(manifest: dict) -> dict:
+        return {k: v for k, v in manifest["run_key"].items() if k != "shard_index"}
+
+    for name, manifest in found.items():
+        if settings(manifest) != settings(first):
+            changed = sorted(k for k in set(settings(manifest)) | set(settings(first))
+                             if settings(manifest).get(k) != settings(first).get(k))
+            raise ValueError(f"{out / name}: a run with other settings than {first_name} ({', '.join(changed)}); "
+                             "merge the parts of one run only")
+    num_shards = _part(first)[1]
+    parts = {_part(m)[0]: name for name, m in found.items()}
+    missing = [f"part{i:03d}of{num_shards:03d}" for i in range(num_shards) if i not in parts]
+    if missing and not allow_partial:
+        raise ValueError(f"{out}: {len(parts)} of {num_shards} parts have started, missing {', '.join(missing)}; "
+                         "run their shard indexes first or pass --allow-partial")
     unfinished = sorted(name for name, m in found.items() if not m.get("complete"))
-    if unfinished:
+    if unfinished and not allow_partial:
         raise ValueError(f"{out}: unfinished part(s) {', '.join(unfinished)}; rerun their commands to finish them "
                          "or pass --allow-partial")
+    files = shard_files(out)
+    for path in files:
+        index, total = (int(x) for x in _SHARD.search(path.name).groups()[:2])
+        if total != num_shards or index not in parts:
+            raise ValueError(f"{path}: a shard of no run in {out} (its manifests describe a {num_shards}-part run"
+                             f"{'' if total == num_shards else f', this shard a {total}-part one'}); "
+                             "remove it or merge it separately")
+    return files
 
 
 def heldout(query: str, share: float) -> bool:
@@ -60,12 +93,16 @@ def heldout(query: str, share: float) -> bool:
     return bucket < share
 
 
-def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: bool = False) -> dict:
+MERGED_KIND = Kind("a merged synth set (no merge_stats.json)", folder=True, recognise=folder_with("merge_stats.json"))
+
+
+def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: bool = False,
+          overwrite: bool = False) -> dict:
     if not out.is_dir():
         raise FileNotFoundError(f"--out {out}: no such folder")
-    if not allow_partial:
-        check_complete(out)
-    files = shard_files(out)
+    files = check_one_run(out, allow_partial)
+    inputs = [out / "shards", *(out / name for name in manifests(out))]
+    check_output(into, inputs=inputs, kind=MERGED_KIND, overwrite=overwrite, flag="--into")
     if not files:
         raise ValueError(f"{out}: no shards to merge")
     filt = RecordFilter()
@@ -78,8 +115,9 @@ def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: boo
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+                parse_record(record, ignore_unknown_keys=True)
+            except (ValueError, DataError) as err:
+                raise ValueError(f"{path}:{number}: {err}") from None
             total += 1
             key = f"{path.stem}:{number}"
             reason = filt.check({"query": record["query"], "positive": record["positive"],
@@ -88,12 +126,12 @@ def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: boo
                 rejected[reason] += 1
                 continue
             rows["heldout" if heldout(record["query"], heldout_share) else "train"].append(record)
-    into.mkdir(parents=True, exist_ok=True)
-    for name, records in rows.items():
-        atomic_write(into / f"{name}.jsonl", jsonl(records))
     stats = {"shards": len(files), "records_in": total, "train": len(rows["train"]), "heldout": len(rows["heldout"]),
              "removed": dict(rejected)}
-    atomic_write(into / "merge_stats.json", json.dumps(stats, indent=2))
+    with staged_folder(into) as staging:
+        for name, records in rows.items():
+            (staging / f"{name}.jsonl").write_text(jsonl(records), encoding="utf-8")
+        (staging / "merge_stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     return stats
 
 
@@ -105,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--into", help="where to write the merged set (default: OUT/merged)")
     parser.add_argument("--heldout-share", type=float_in(0.0, 0.5), default=0.05)
     parser.add_argument("--allow-partial", action="store_true", help="merge what is finished so far")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --into")
     args = parser.parse_args(argv)
     out = Path(args.out)
     into = Path(args.into) if args.into else out / "merged"
     try:
-        stats = merge(out, into, args.heldout_share, args.allow_partial)
+        stats = merge(out, into, args.heldout_share, args.allow_partial, args.overwrite)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmembed import runlock
+from llmembed.outputs import STAGING_TAG, Kind, check_output
 from synth.backends import Backend, ChatRequest
 from synth.filters import RecordFilter, normalise
 from synth.parse import ParseError, parse_example, parse_tasks, to_record
@@ -86,7 +87,9 @@ class Pipeline:
                                                                   settings.languages or None)
         self.out = Path(settings.out)
         self.part = f"part{settings.shard_index:03d}of{settings.num_shards:03d}"
-        check_destination(self.out)
+        inputs = [settings.taxonomy, settings.tasks_file, settings.decontaminate,
+                  settings.model if Path(settings.model).is_dir() else None]
+        check_output(self.out, inputs=inputs, kind=SYNTH_KIND, continues=True)
         if settings.decontaminate and not Path(settings.decontaminate).is_file():
             raise FileNotFoundError(f"--decontaminate {settings.decontaminate}: no such file")
         self.user_tasks = read_tasks_file(settings.tasks_file) if settings.tasks_file else {}
@@ -319,19 +322,16 @@ class Pipeline:
 
 # What a synth run writes into --out (temporary files of atomic writes start with a dot).
 OUTPUT_ENTRIES = ("shards", "raw", "stats", "merged", "brainstorm.json", "manifest.json", "manifest.part*.json",
-                  ".synth-part*.lock", ".manifest*.json.*", ".brainstorm.json.*")
+                  ".synth-part*.lock", f".*{STAGING_TAG}*", ".manifest*.json.*", ".brainstorm.json.*")
 
 
-def check_destination(out: Path) -> None:
-    """--out is a new folder, an empty one, or a synth output (to continue): never a folder of
-    other files, which a run would fill with its own."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a folder")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if not any(fnmatch(p.name, e) for e in OUTPUT_ENTRIES))
-        if foreign:
-            raise ValueError(f"--out {out}: holds files that are not synth output ({', '.join(foreign[:5])}"
-                             f"{', ...' if len(foreign) > 5 else ''}); use a new or empty folder")
+def _is_synth_output(out: Path) -> bool:
+    """A synth output (to continue): a folder holding nothing but what synth writes, never a
+    folder of other files, which a run would fill with its own."""
+    return all(any(fnmatch(p.name, e) for e in OUTPUT_ENTRIES) for p in out.iterdir())
+
+
+SYNTH_KIND = Kind("a synth output folder", folder=True, recognise=_is_synth_output)
 
 
 def read_tasks_file(path: str) -> dict[str, list[str]]:

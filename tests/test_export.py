@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
-from llmembed.export import ExportError, export
+from llmembed.export import export
+from llmembed.outputs import OutputError
 
 from .conftest import perturb_trained_weights
 
@@ -175,7 +176,7 @@ def test_bf16_export_and_refusal_to_overwrite(tiny_llama_dir, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert not any("lora" in k for k in f.keys())
-    with pytest.raises(ExportError, match="not empty"):
+    with pytest.raises(OutputError, match="exists .*pass --overwrite"):
         export(tmp_path / "trained", tmp_path / "export")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
 from llmembed.merge import MergeError, merge, slerp
+from llmembed.outputs import OutputError
 
 from .conftest import perturb_trained_weights, save_tiny
 
@@ -143,7 +144,7 @@ def test_overwrite_replaces_only_a_previous_model_folder(runs, tmp_path):
     out = tmp_path / "m"
     merge(runs, out, "linear", [1.0, 0.0])
     first = EmbeddingModel.load(out).encode(TEXTS)
-    with pytest.raises(MergeError, match="exists and is not an empty folder"):
+    with pytest.raises(OutputError, match="exists .*pass --overwrite"):
         merge(runs, out, "linear", [0.0, 1.0])
     merge(runs, out, "linear", [0.0, 1.0], overwrite=True)
     second = EmbeddingModel.load(out).encode(TEXTS)
@@ -153,7 +154,7 @@ def test_overwrite_replaces_only_a_previous_model_folder(runs, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep me")
-    with pytest.raises(MergeError, match="not a model folder"):
+    with pytest.raises(OutputError, match="not a model folder"):
         merge(runs, notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "keep me"
 

@@ -12,7 +12,8 @@ from llmembed.config import ConfigError
 from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
 from llmembed.data.schema import Record
-from llmembed.export import ExportError, export
+from llmembed.export import export
+from llmembed.outputs import OutputError
 from llmembed.model import EmbeddingModel
 from llmembed.train.config import load_config
 
@@ -34,7 +35,7 @@ def _files(folder):
 def test_export_never_writes_over_or_around_its_own_model(trained, where):
     before = _files(trained)
     out = {"itself": trained, "parent": trained.parent, "inside": trained / "export"}[where]
-    with pytest.raises(ExportError, match="model folder"):
+    with pytest.raises(OutputError, match="(is|contains|lies inside) the input"):
         export(trained, out, overwrite=True, verify=False)
     assert _files(trained) == before
     EmbeddingModel.load(trained)  # still loads
@@ -44,7 +45,7 @@ def test_overwrite_replaces_only_a_previous_export(trained, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match="not an llmembed export"):
+    with pytest.raises(OutputError, match="not an llmembed export"):
         export(trained, precious, overwrite=True, verify=False)
     assert (precious / "notes.txt").read_text() == "mine"
     # A typo in the model folder is found before an existing export is touched.

@@ -274,7 +274,9 @@ def test_merge_removes_duplicates_across_parts_and_refuses_unfinished_parts(tmp_
     assert sorted(r["query"] for r in kept) == ["how tall is everest", "library budget news", "what do cats eat"]
     assert stats["train"] + stats["heldout"] == 3
     before = (tmp_path / "merged" / "train.jsonl").read_text()
-    assert merge(tmp_path, tmp_path / "merged", heldout_share=0.5, allow_partial=True) == stats
+    with pytest.raises(ValueError, match="pass --overwrite"):  # an earlier merge is replaced on request only
+        merge(tmp_path, tmp_path / "merged", heldout_share=0.5, allow_partial=True)
+    assert merge(tmp_path, tmp_path / "merged", heldout_share=0.5, allow_partial=True, overwrite=True) == stats
     assert (tmp_path / "merged" / "train.jsonl").read_text() == before  # deterministic
     # The merged folder is part of the output: synth still continues in this --out.
     Pipeline(Settings(out=str(tmp_path), categories=["sts"], num_shards=2, shard_index=0), lambda: None)

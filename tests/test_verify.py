@@ -4,6 +4,7 @@ and a damaged export is caught with the path and the texts that differ."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,7 +77,8 @@ def test_export_without_eos_in_its_tokenizer_fails_naming_paths_and_texts(export
     report = verify(broken)
     assert not report.ok
     bad = {p.path for p in report.paths if not p.ok}
-    assert bad == {"sentence-transformers", "transformers"}
+    assert bad == {"saved files", "sentence-transformers", "transformers"}
+    assert report.paths[0].failures == ["tokenizer: appends EOS is False, the contract says True"]
 
 
 def test_not_an_export_is_one_line(tmp_path):
@@ -100,3 +102,61 @@ def test_a_matryoshka_export_is_checked_at_each_width_through_sentence_transform
         # _compare refuses vectors of another shape than the reference's prefix: these are cut.
         assert cut.error is None and min(cut.cosines) >= 0.9999 and cut.token_counts == report.reference_tokens
     assert "vllm @16d" not in paths  # no --vllm-python: the vLLM rows come with the vLLM path
+
+
+def _edit_json(name, change):
+    def edit(folder):
+        path = folder / name
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+def _drop_normalize(folder):
+    modules = [m for m in json.loads((folder / "modules.json").read_text()) if not m["type"].endswith("Normalize")]
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+# Each serving fact an export saves for its servers, edited in turn: (name, edit, what the
+# saved-files row must name, the serving paths whose vectors must then differ).
+MUTATIONS = [
+    ("query prompt", _edit_json("config_sentence_transformers.json",
+                                lambda c: c["prompts"].update(query="Instruct: Find posts\nQuery: ")),
+     "prompts.query", {"sentence-transformers"}),
+    ("document prompt", _edit_json("config_sentence_transformers.json",
+                                   lambda c: c.update(prompts={**c["prompts"], "document": "passage: "},
+                                                      default_prompt_name="document")),
+     "prompts.document", {"sentence-transformers"}),
+    ("Normalize module", _drop_normalize, "a Normalize module", {"sentence-transformers"}),
+    ("pooling", _edit_json("1_Pooling/config.json", lambda c: c.update(pooling_mode="mean")), "pooling_mode",
+     {"sentence-transformers"}),
+    ("instruction pooling", _edit_json("1_Pooling/config.json", lambda c: c.update(include_prompt=False)),
+     "include_prompt", set()),
+    ("max length", _edit_json("sentence_bert_config.json", lambda c: c.update(max_seq_length=20)), "max_seq_length",
+     {"sentence-transformers"}),
+    ("width", _edit_json("config.json", lambda c: c.update(matryoshka_dimensions=[32, 64])),
+     "matryoshka_dimensions", set()),
+    ("attention", _edit_json("config.json", lambda c: c.update(is_causal=False)), "is_causal",
+     {"sentence-transformers", "transformers"}),
+]
+
+
+@pytest.mark.parametrize("name,edit,fact,paths", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_each_saved_serving_fact_edited_fails_verify_and_is_named(exported, tmp_path, name, edit, fact, paths):
+    """Servers read the export's files, not the contract: an edit to any of them changes what
+    users get, and verify must say which fact it was. (Last-token pooling ignores
+    include_prompt, and matryoshka_dimensions is read by vLLM only: those two are caught by the
+    files check alone.)"""
+    from llmembed.model import EmbeddingModel
+
+    edited = tmp_path / "edited"
+    shutil.copytree(exported, edited)
+    edit(edited)
+    reference = EmbeddingModel.load(exported, dtype="float32", attn_implementation="sdpa")
+    report = verify(edited, reference=reference)
+    assert not report.ok
+    saved = report.paths[0]
+    assert saved.path == "saved files" and any(fact in failure for failure in saved.failures), saved.failures
+    bad = {p.path for p in report.paths if not p.ok} - {"saved files"}
+    assert bad == paths, report.table()

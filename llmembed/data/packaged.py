@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from llmembed.argtypes import float_in
+from llmembed.outputs import Kind, OutputError, check_output, folder_with, staged_folder
 
 INSTRUCTION = "Given a question, retrieve the answer to it"
 
@@ -90,42 +91,41 @@ def split(records: list[dict], heldout_share: float = 0.2) -> tuple[list[dict], 
     return train, heldout
 
 
+MARKER = "packaged.json"  # what was written, and the sign that this tool wrote the folder
+PACKAGED_KIND = Kind(f"a folder written by this tool (no {MARKER})", folder=True, recognise=folder_with(MARKER))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmembed.data.packaged", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", choices=["chatterbot", "wiki"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--language", default="english")
     parser.add_argument("--heldout-share", type=float_in(0.0, 0.9, low_open=True), default=0.2)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier --out of this tool")
     args = parser.parse_args(argv)
-    if args.source == "wiki":
-        try:
-            sentences = wikipedia_sentences()
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "sentences.jsonl", "w", encoding="utf-8") as f:
-            for text in sentences:
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        print(f"wrote {len(sentences)} sentences to {out / 'sentences.jsonl'}")
-        return 0
     try:
-        folder = chatterbot_dir(args.language)
-        if not folder.is_dir():
-            raise RuntimeError(f"--language {args.language}: chatterbot-corpus has no such language "
-                               f"({', '.join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir()))})")
-    except RuntimeError as err:
+        out = check_output(args.out, inputs=[], kind=PACKAGED_KIND, overwrite=args.overwrite)
+        if args.source == "wiki":
+            files = {"sentences": [{"text": text} for text in wikipedia_sentences()]}
+        else:
+            folder = chatterbot_dir(args.language)
+            if not folder.is_dir():
+                raise RuntimeError(f"--language {args.language}: chatterbot-corpus has no such language "
+                                   f"({', '.join(sorted(p.name for p in folder.parent.iterdir() if p.is_dir()))})")
+            train, heldout = split(chatterbot_pairs(args.language), args.heldout_share)
+            files = {"train": train, "heldout": heldout}
+    except (RuntimeError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train, heldout = split(chatterbot_pairs(args.language), args.heldout_share)
-    for name, rows in (("train", train), ("heldout", heldout)):
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {len(train)} training and {len(heldout)} held-out pairs to {out}")
+    with staged_folder(out) as staging:
+        for name, rows in files.items():
+            with open(staging / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        counts = {name: len(rows) for name, rows in files.items()}
+        (staging / MARKER).write_text(json.dumps({"source": args.source, "language": args.language,
+                                                  "heldout_share": args.heldout_share, "records": counts}, indent=2))
+    print(f"wrote {', '.join(f'{n} {name}' for name, n in counts.items())} records to {out}")
     return 0
 
 

@@ -20,6 +20,10 @@ from llmembed.data import DataError, read_jsonl
 from llmembed.encoders import BACKENDS, EncoderError, TextEncoder, describe, load_encoder, reference_model_dir
 from llmembed.evaluate import runner
 from llmembed.evaluate.suite import SUITE, SuiteError
+from llmembed.model import model_inputs
+from llmembed.outputs import Kind, any_json_with, check_output, write_text
+
+REPORT_KIND = Kind("a score report of llmembed.evaluate", folder=False, recognise=any_json_with("models", "scores"))
 
 
 def _baseline(encoder: TextEncoder, folder: Path) -> TextEncoder | None:
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(Matryoshka prefixes); repeat for a sweep (each text is encoded once), "
                              "'full' for the whole width")
     parser.add_argument("--json", help="write every score here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier --json report of this command")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose backbone or tokenizer runs code from its own files")
     args = parser.parse_args(argv)
@@ -77,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{path}: no records to evaluate")
         if not names and not args.data:
             raise SuiteError("nothing to evaluate: --suite none and no --data")
-        if args.json and not Path(args.json).absolute().parent.is_dir():
-            raise FileNotFoundError(f"--json {args.json}: no such folder {Path(args.json).parent}")
         for folder in args.model:
             if not Path(folder).is_dir():
                 raise EncoderError(f"{folder}: no such model folder")
+        if args.json:
+            inputs = [*args.data, *(p for folder in args.model for p in model_inputs(folder))]
+            check_output(args.json, inputs=inputs, kind=REPORT_KIND, overwrite=args.overwrite, flag="--json")
         encoders: list[TextEncoder] = []
         for folder in args.model:
             encoder = load_encoder(folder, args.backend, args.trust_remote_code)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(runner.table(rows, reference.name if reference is not None else None))
     if args.json:
-        Path(args.json).write_text(json.dumps(runner.as_json(rows, models), indent=2) + "\n")
+        write_text(args.json, json.dumps(runner.as_json(rows, models), indent=2) + "\n")
     return 0
 
 

@@ -83,11 +83,16 @@ def pang_lee_sentences() -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+# A task's query instruction: one for every query, or one per query text (records that carry
+# their own); None is the model's default instruction.
+Instruction = str | None | dict[str, str | None]
+
+
 @dataclass
 class RetrievalData:
     queries: list[str]
     positives: list[str]
-    instruction: str | None = None
+    instruction: Instruction = None
 
     def as_mteb(self) -> dict[str, Any]:
         """mteb's split: queries, the corpus (each distinct positive once) and qrels."""
@@ -117,9 +122,15 @@ def records_heldout(path: str | Path) -> RetrievalData:
     records = read_jsonl(path)
     if not records:
         raise SuiteError(f"{path}: no records to evaluate")
-    instructions = {r.instruction for r in records}
-    return RetrievalData([r.query for r in records], [r.positives[0] for r in records],
-                         instructions.pop() if len(instructions) == 1 else None)
+    # Each query with its own record's instruction, as mining and training read it.
+    by_query: dict[str, str | None] = {}
+    for number, record in enumerate(records, start=1):
+        if by_query.setdefault(record.query, record.instruction) != record.instruction:
+            raise SuiteError(f"{path}: record {number}: query {record.query[:40]!r} appears earlier with another "
+                             "instruction; a query is scored with one")
+    distinct = set(by_query.values())
+    instruction: Instruction = distinct.pop() if len(distinct) == 1 else by_query
+    return RetrievalData([r.query for r in records], [r.positives[0] for r in records], instruction)
 
 
 def _metadata(name: str, task_type: str, main_score: str, languages: list[str], description: str,
@@ -185,7 +196,8 @@ def retrieval_task(name: str, data: RetrievalData, languages: list[str], descrip
     return LocalRetrieval()
 
 
-def build_tasks(names: Sequence[str] = SUITE, records: Sequence[str | Path] = ()) -> tuple[list[Any], dict[str, str]]:
+def build_tasks(names: Sequence[str] = SUITE,
+                records: Sequence[str | Path] = ()) -> tuple[list[Any], dict[str, Instruction]]:
     """The suite's mteb tasks (``names``, plus one ``RecordsRetrieval`` task per JSONL file in
     ``records``) and the instruction of each task's queries."""
     tasks, instructions = [], {}

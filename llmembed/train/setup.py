@@ -29,6 +29,7 @@ from llmembed.data.schema import is_plain_text
 from llmembed.data.sampling import HomogeneousBatchSampler, record_lengths
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel, EmbeddingModelConfig
+from llmembed.outputs import Kind, check_output
 from llmembed import runlock
 from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
@@ -293,6 +294,33 @@ def _everywhere(ok: bool) -> bool:
     return bool(flag.item())
 
 
+# A training run's folder, which a rerun continues (--resume): its lock, config or checkpoints.
+RUN_KIND = Kind("a training run folder", folder=True,
+                recognise=lambda folder: any((folder / name).exists() for name in (
+                    ".llmembed-run.lock", checkpoint.CONFIG_FILE, "checkpoints", "final", "metrics.jsonl")))
+
+
+def config_inputs(config: TrainConfig) -> list[Path]:
+    """Every file or folder a run reads, found as the settings that name one (data, backbone,
+    teacher, DeepSpeed config...): the run's outputs must stay clear of all of them."""
+    found: list[Path] = []
+
+    def walk(value, top: str = "") -> None:
+        if top in ("checkpoint", "logging"):  # where the run writes
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, top or key)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, top)
+        elif isinstance(value, str) and value and Path(value).exists():
+            found.append(Path(value))
+
+    walk(asdict(config))
+    return found
+
+
 def lock_output_dir(output_dir: Path):
     """Hold the run's lock on ``output_dir`` for the life of this process, so a second trainer,
     or a worker that outlived its launcher, is refused instead of interleaving checkpoints and
@@ -304,6 +332,8 @@ def lock_output_dir(output_dir: Path):
 def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool = False) -> TrainSetup:
     """Build everything the loop needs, in the order that keeps runs and resumes reproducible."""
     rank, world_size = init_distributed()
+    check_output(config.checkpoint.output_dir, inputs=config_inputs(config), kind=RUN_KIND, continues=True,
+                 flag="checkpoint.output_dir")
     # Rank 0 writes every file of the run; its lock is the run's.
     run_lock = lock_output_dir(Path(config.checkpoint.output_dir)) if rank == 0 else None
     checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"

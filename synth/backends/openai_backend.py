@@ -4,7 +4,8 @@ Bounded concurrency, timeouts and ``response_format`` JSON schemas. Retries are 
 client's own (``max_retries``): exponential backoff with jitter on connection errors,
 timeouts, 408/409/429 and 5xx, honouring a server's ``retry-after(-ms)``, and no sleep after the
 last failure. The API key comes from an environment variable and is never logged or written to
-the manifest.
+the manifest; credentials in the URL itself (user info, query-string values) are blanked in
+everything printed or written.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ def _attempts(err: Exception) -> int:
         return 1
 
 
+def redact_url(url: str) -> str:
+    """``url`` fit to print or write: a user name and password (``http://user:pw@host``) and
+    every query-string value (tokens are often passed that way) replaced by ``***``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "***"  # not even a URL: print none of it
+    netloc = ("***@" if "@" in parts.netloc else "") + (f"[{host}]" if ":" in host else host) + port
+    query = urlencode([(name, "***") for name, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 class OpenAIBackend(Backend):
     def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  max_retries: int = 5, timeout: float = 120.0) -> None:
@@ -41,7 +58,7 @@ class OpenAIBackend(Backend):
         self.client = OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, timeout=timeout)
         self.concurrency = concurrency
         self.max_retries = max_retries
-        self.info = {"base_url": base_url, "api_key_env": api_key_env, "concurrency": concurrency,
+        self.info = {"base_url": redact_url(base_url), "api_key_env": api_key_env, "concurrency": concurrency,
                      "max_retries": max_retries}
 
     def _one(self, request: ChatRequest) -> Generation:
