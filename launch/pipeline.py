@@ -257,14 +257,16 @@ def fingerprint(*paths: Path) -> str:
     return digest.hexdigest()
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
 def _shown(arg: str) -> str:
-    """A command-line argument fit to print and record: URLs lose their credentials."""
+    """A command-line argument fit to print and record: URLs in it lose their credentials."""
     if "://" not in arg:
         return arg
     from synth.backends.openai_backend import redact_url
 
-    flag, sep, url = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
-    return flag + sep + redact_url(url)
+    return _URL.sub(lambda match: redact_url(match.group(0)), arg)
 
 
 _LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)

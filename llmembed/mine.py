@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [args.input, args.corpus, args.cross_encoder,
                   *(model_inputs(args.model) if Path(args.model).is_dir() else [])]
         check_output(out, inputs=inputs, kind=MINED_KIND, overwrite=args.overwrite)
-        check_output(stats_path(out), inputs=inputs, kind=STATS_KIND, overwrite=args.overwrite)
+        # Counts without their records are what a run killed between the two writes leaves.
+        check_output(stats_path(out), inputs=inputs, kind=STATS_KIND, overwrite=args.overwrite,
+                     continues=not out.exists())
         cache = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
         # A rerun reads the cache it wrote: it continues, whatever --overwrite says.
         check_output(cache, inputs=inputs, kind=CACHE_KIND, flag="--cache-dir", continues=True)
@@ -383,12 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, EncoderError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _write_jsonl(out, [r.to_json() for r in mined])
+    # The counts first: the records' arrival then marks a complete output (see MINED_KIND).
     stats = {"model": encoder.name, "model_fingerprint": encoder.fingerprint,
              **({"cross_encoder": reranker.name, "cross_encoder_fingerprint": reranker.fingerprint} if reranker else {}),
              "settings": vars(settings),
              **report.to_json()}
     write_text(stats_path(out), json.dumps(stats, indent=2) + "\n")
+    _write_jsonl(out, [r.to_json() for r in mined])
     print(f"mined {report.records_out}/{report.records_in} records, {report.negatives_written} negatives -> {out}")
     for reason, count in sorted(report.dropped_records.items()):
         print(f"  records dropped, {reason}: {count}")

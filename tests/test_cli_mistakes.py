@@ -34,6 +34,8 @@ VERIFY = ["-m", "llmembed.verify"]
 SYNTH = ["-m", "synth.generate"]
 PACKAGED = ["-m", "llmembed.data.packaged"]
 MINE = ["-m", "llmembed.mine"]
+MERGE = ["-m", "llmembed.merge"]
+SYNTH_MERGE = ["-m", "synth.merge"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,21 @@ def workspace(tiny_llama_dir, tmp_path_factory) -> Path:
     (ws / "corpus3.jsonl").write_text("".join(json.dumps({"text": f"passage {i}"}) + "\n" for i in range(3)))
     no_weights = ws / "no-weights"
     shutil.copytree(reference_model_dir(), no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    # A weight file cut short (a full disk, an interrupted copy) and a folder copied in part.
+    shutil.copytree(ws / "model", ws / "damaged-model")
+    adapter = ws / "damaged-model" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    shutil.copytree(ws / "export", ws / "damaged-export")
+    weights = ws / "damaged-export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(ws / "export", ws / "half-copied", ignore=shutil.ignore_patterns("*.safetensors", "tokenizer.json"))
+    # A synth output whose shard lost a record's query.
+    from synth.pipeline import Pipeline, Settings
+
+    synth = Pipeline(Settings(out=str(ws / "synth-bad"), categories=["sts"]), lambda: None)
+    synth.store.write(0, [{"positive": "A cat sits on a mat.", "negatives": [], "task": "sts", "meta": {"id": "x"}}],
+                      [], {})
+    synth.write_manifest(complete=True, num_shards=1)
     return ws
 
 
@@ -168,6 +185,22 @@ CASES = [
     ("mine-cross-encoder-without-weights", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out",
                                                   "{ws}/m.jsonl", "--cross-encoder", "{ws}/no-weights"],
      r"no-weights: (has no weights|not a cross-encoder)"),
+    # ---- damaged and half-copied folders, a folder where a file goes, a bad shard record
+    ("merge-damaged-weights", MERGE, ["{ws}/damaged-model", "--scale", "1.5", "--out", "{ws}/merged"],
+     r"damaged-model: cannot load \({ws}/damaged-model: damaged weight file"),
+    ("evaluate-damaged-weights", EVALUATE, ["--model", "{ws}/damaged-export", "--data", "{ws}/pairs.jsonl"],
+     r"damaged-export: damaged weight file"),
+    ("evaluate-damaged-weights-st", EVALUATE, ["--model", "{ws}/damaged-export", "--backend", "sentence-transformers",
+                                               "--data", "{ws}/pairs.jsonl"], r"damaged-export: damaged weight file"),
+    ("evaluate-half-copied", EVALUATE, ["--model", "{ws}/half-copied", "--data", "{ws}/pairs.jsonl"],
+     r"half-copied: incomplete model folder .*missing tokenizer\.json, \*\.safetensors"),
+    ("mine-half-copied", MINE, ["--model", "{ws}/half-copied", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl"],
+     r"half-copied: incomplete model folder"),
+    ("export-half-copied", EXPORT, ["--model", "{ws}/half-copied", "--out", "{ws}/out6"], r"half-copied: incomplete"),
+    ("mine-out-is-a-folder", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/notes"],
+     r"--out {ws}/notes: is a folder"),
+    ("synth-merge-bad-record", SYNTH_MERGE, ["--out", "{ws}/synth-bad"],
+     r"part000of001-00000\.jsonl:1: .*query"),
     # ---- packaged data
     ("packaged-language", PACKAGED, ["chatterbot", "--out", "{ws}/p1", "--language", "klingon"], r"klingon"),
 ]

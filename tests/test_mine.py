@@ -136,9 +136,40 @@ def test_the_command_writes_records_the_trainer_reads_and_counts(tmp_path):
     assert DUPLICATE not in mined[0].negatives
     stats = json.loads((tmp_path / "mined.jsonl.stats.json").read_text())
     assert stats["records_out"] == 4 and stats["texts_encoded"] == len(CORPUS) + len(RECORDS)
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "pass --overwrite" in refused.stderr  # an earlier output stays
+    rerun = subprocess.run(command + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert "texts encoded 0" in rerun.stdout
     assert read_jsonl(out) == mined
+
+
+def test_replacing_the_backbone_a_trained_folder_names_invalidates_the_cache(tiny_llama_dir, tmp_path):
+    """The cache key covers every weight file the model is loaded from: a LoRA folder's own files
+    and the backbone it names. A backbone replaced in place re-encodes everything and gives the
+    negatives a fresh run gives."""
+    import shutil
+
+    from llmembed.mine import main as mine_main
+
+    from .conftest import save_tiny
+    from .test_export import trained_model
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_llama_dir, backbone)
+    trained_model(backbone, "mean", False).save(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in RECORDS))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    args = ["--model", str(tmp_path / "model"), "--input", str(data), "--corpus", str(corpus), "--ranks", "0:10",
+            "--num-negatives", "3", "--no-progress"]
+    assert mine_main(args + ["--out", str(tmp_path / "first.jsonl")]) == 0
+    save_tiny(backbone, "llama", tiny_llama_dir, seed=5, vocab_size=49152, hidden_size=128, heads=2, kv_heads=1)
+    assert mine_main(args + ["--out", str(tmp_path / "first.jsonl"), "--overwrite"]) == 0
+    stats = json.loads((tmp_path / "first.jsonl.stats.json").read_text())
+    assert stats["texts_from_cache"] == 0 and stats["texts_encoded"] == len(CORPUS) + len(RECORDS)
+    assert mine_main(args + ["--out", str(tmp_path / "fresh.jsonl")]) == 0  # its own, empty cache
+    assert (tmp_path / "first.jsonl").read_text() == (tmp_path / "fresh.jsonl").read_text()
 
 
 @pytest.fixture(scope="module")

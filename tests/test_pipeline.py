@@ -102,6 +102,37 @@ def test_a_finished_stage_is_skipped_until_its_command_or_an_input_file_changes(
     assert log.read_text() == "ran " * 4
 
 
+def test_a_stage_whose_output_is_gone_or_whose_teacher_changed_runs_again(tmp_path):
+    """A stage declares what it reads (the teacher folder included, though only its name is on
+    the command line) and what it writes: deleting an output or retraining the teacher reruns it."""
+    pipeline = _pipeline()
+    runner = pipeline.Pipeline(tmp_path / "out", pipeline.PipelineSettings())
+    teacher, log, mined = tmp_path / "teacher", tmp_path / "runs.log", tmp_path / "mined.jsonl"
+    teacher.mkdir()
+    (teacher / "model.safetensors").write_bytes(b"v1")
+    command = [[sys.executable, "-c", f"open({str(log)!r}, 'a').write('ran '); open({str(mined)!r}, 'w')"]]
+    for _ in range(2):
+        runner.stage("mine", command, inputs=(teacher,), outputs=(mined,))
+    assert log.read_text() == "ran "
+    mined.unlink()
+    runner.stage("mine", command, inputs=(teacher,), outputs=(mined,))
+    assert log.read_text() == "ran ran " and mined.is_file()
+    (teacher / "model.safetensors").write_bytes(b"v2")  # retrained in place
+    runner.stage("mine", command, inputs=(teacher,), outputs=(mined,))
+    runner.stage("mine", command, inputs=(teacher,), outputs=(mined,))
+    assert log.read_text() == "ran ran ran "
+
+
+def test_urls_are_recorded_and_printed_without_their_credentials(tmp_path, capsys):
+    pipeline = _pipeline()
+    runner = pipeline.Pipeline(tmp_path / "out", pipeline.PipelineSettings())
+    url = "http://alice:hunter2@127.0.0.1:9/v1?token=tok-123&v=1"
+    runner.stage("synth", [[sys.executable, "-c", "pass", "--base-url", url, f"--synth-arg=--base-url={url}"]])
+    shown = capsys.readouterr().out + (tmp_path / "out" / "stages" / "synth.json").read_text()
+    assert "hunter2" not in shown and "tok-123" not in shown and "alice" not in shown
+    assert "http://***@127.0.0.1:9/v1?token=***&v=***" in shown
+
+
 def test_the_pipeline_evaluates_and_exports_the_last_stages_model(tmp_path):
     import yaml
 

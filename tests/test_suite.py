@@ -4,6 +4,8 @@ export scored through sentence-transformers matches the same model scored throug
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,40 @@ def test_a_sentence_transformers_folder_gets_its_own_query_prompt(tiny_llama_dir
     assert np.allclose(got_q, model.encode(texts, prompt_name="query"), atol=1e-5)
     assert np.allclose(got_p, model.encode(texts, prompt_name="document"), atol=1e-5)
     assert not np.allclose(got_q, model.encode(texts), atol=1e-3)
+
+
+def test_held_out_records_are_scored_with_each_records_own_instruction(tiny_llama_dir, tmp_path):
+    """As mining and training read them: a record's instruction goes with its query (none: the
+    model's default), so the task's query vectors are each query encoded with its own record's
+    instruction; a query given two instructions is refused, naming the record."""
+    from mteb.types import PromptType
+
+    from llmembed.evaluate.mteb_adapter import MTEBEncoder
+    from llmembed.evaluate.suite import SuiteError, records_heldout
+
+    from .test_export import trained_model
+
+    trained_model(tiny_llama_dir, "mean", False).save(tmp_path / "m")
+    encoder = load_encoder(tmp_path / "m")
+    topics = ["cats", "rivers", "trains", "bread", "music", "stars", "chess", "rain"]
+    instructions = ["Retrieve facts about animals", None, "zzz qqq xxx", "Find recipes"] * 2
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"query": f"tell me about {t}", "positive": f"A passage on {t}.",
+                                        **({"instruction": i} if i else {})}) + "\n"
+                            for t, i in zip(topics, instructions)))
+    queries = [f"tell me about {t}" for t in topics]
+    assert records_heldout(path).instruction == dict(zip(queries, instructions))
+    [task], by_task = build_tasks([], [path])
+    vectors = MTEBEncoder(encoder, by_task).encode([{"text": queries}], task_metadata=task.metadata,
+                                                   hf_split="test", hf_subset="default", prompt_type=PromptType.query)
+    model = encoder.model
+    expected = np.concatenate([model.encode([q], i if i is not None else model.contract.prompts.default_instruction)
+                               for q, i in zip(queries, instructions)])
+    np.testing.assert_allclose(vectors, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+    one = model.encode(queries, "Retrieve facts about animals")  # what a single file-wide instruction gives
+    assert np.abs(vectors[1:4] - one[1:4] / np.linalg.norm(one[1:4], axis=1, keepdims=True)).max() > 1e-3
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"query": "q", "positive": "p", "instruction": "A"}) + "\n"
+                     + json.dumps({"query": "q", "positive": "p2", "instruction": "B"}) + "\n")
+    with pytest.raises(SuiteError, match="record 2: query 'q' appears earlier with another instruction"):
+        records_heldout(clash)

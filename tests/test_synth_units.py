@@ -280,3 +280,69 @@ def test_merge_removes_duplicates_across_parts_and_refuses_unfinished_parts(tmp_
     assert (tmp_path / "merged" / "train.jsonl").read_text() == before  # deterministic
     # The merged folder is part of the output: synth still continues in this --out.
     Pipeline(Settings(out=str(tmp_path), categories=["sts"], num_shards=2, shard_index=0), lambda: None)
+
+
+def test_merge_refuses_parts_of_another_run_and_incomplete_shard_sets(tmp_path):
+    """Parts written with another seed (or model, temperature...) are not one data set, and a
+    3-part run missing part 0 is not complete: both are named, nothing is written."""
+    from synth.merge import merge
+
+    def part(out, index, total, seed=0):
+        pipeline = Pipeline(Settings(out=str(out), categories=["sts"], num_shards=total, shard_index=index,
+                                     seed=seed), lambda: None)
+        pipeline.store.write(0, [_record(f"query {index} of {total}", LONG)], [], {"generated": 1})
+        pipeline.write_manifest(complete=True, num_shards=1)
+
+    mixed = tmp_path / "mixed"
+    part(mixed, 0, 2)
+    part(mixed, 1, 2, seed=7)
+    with pytest.raises(ValueError, match=r"manifest.part001of002.json: a run with other settings .* \(seed\)"):
+        merge(mixed, mixed / "merged", allow_partial=True)
+
+    incomplete = tmp_path / "incomplete"
+    part(incomplete, 1, 3)
+    part(incomplete, 2, 3)
+    with pytest.raises(ValueError, match="2 of 3 parts have started, missing part000of003"):
+        merge(incomplete, incomplete / "merged")
+
+    stray = tmp_path / "stray"  # a shard of a 2-part run beside a 3-part run's parts
+    for index in range(3):
+        part(stray, index, 3)
+    (stray / "shards" / "part000of002-00000.jsonl").write_text(json.dumps(_record("old", LONG)) + "\n")
+    with pytest.raises(ValueError, match=r"part000of002-00000.jsonl: a shard of no run .*a 2-part one"):
+        merge(stray, stray / "merged")
+    assert not any((d / "merged").exists() for d in (mixed, incomplete, stray))
+    (stray / "shards" / "part000of002-00000.jsonl").unlink()
+    assert merge(stray, stray / "merged")["records_in"] == 3
+
+
+def test_credentials_in_the_endpoint_url_reach_no_file_and_no_output(tmp_path, capsys):
+    """A user name, password and query-string token in --base-url are used for the requests but
+    blanked everywhere a run writes or prints."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from synth.generate import main as generate_main
+
+    from .test_synth_openai import ANSWER, Endpoint
+
+    server = Endpoint(0, answers=[json.dumps(ANSWER)])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        url = f"http://alice:hunter2-pw@127.0.0.1:{port}/v1?api-key=tok-9f3e"
+        out = tmp_path / "out"
+        code = generate_main(["--out", str(out), "--backend", "openai", "--base-url", url, "--model", "m",
+                              "--categories", "sts", "--num-tasks", "2", "--examples-per-task", "1", "--no-progress",
+                              "--max-retries", "0"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0 and server.headers  # the run talked to the server
+    printed = capsys.readouterr()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and json.loads((out / "manifest.json").read_text())["backend"]["base_url"] == (
+        f"http://***@127.0.0.1:{port}/v1?api-key=***")
+    for secret in ("hunter2-pw", "tok-9f3e", "alice"):
+        assert secret not in printed.out + printed.err
+        assert not [p for p in files if secret.encode() in p.read_bytes()], secret
