@@ -15,12 +15,14 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from llmembed.config import bounded, check_ranges
-from llmembed.resolve import ModelPathError, resolve_model_path
+from llmembed.resolve import ModelPathError, missing_tokenizer_files, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ QUANTIZATIONS = (None, "4bit", "8bit")
 class BackboneError(ValueError):
     """A backbone setting or path is wrong; the message says which."""
 
+
+# What loading raises for a weight file cut short or corrupted (a full disk, a broken copy).
+DAMAGED_WEIGHTS = (SafetensorError, EOFError)
 
 @dataclass
 class BackboneConfig:
@@ -112,6 +117,9 @@ def resolve_backbone_path(name_or_path: str) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    missing = missing_tokenizer_files(Path(path)) if Path(path).is_dir() else []
+    if missing:  # transformers would look for the rest on the hub
+        raise BackboneError(f"{path}: incomplete model folder (half copied?), missing {', '.join(missing)}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise BackboneError(f"The tokenizer at {path} has no EOS token; last-token pooling needs one.")

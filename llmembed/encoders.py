@@ -18,8 +18,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from llmembed.model import DAMAGED_WEIGHTS
-from llmembed.remote_code import LATENT_MODULE_TYPE, check_no_remote_code
+from llmembed.backbone import DAMAGED_WEIGHTS
+from llmembed.remote_code import check_no_remote_code
 from llmembed.serving import SERVING_FILE, ServingContract
 
 BACKENDS = ("auto", "llmembed", "sentence-transformers")
@@ -56,9 +56,10 @@ def _weights_fingerprint(folder: Path, model) -> str:
     LoRA folder the backbone it names (replacing that backbone in place changes the vectors)."""
     from llmembed.backbone import resolve_backbone_path
 
+    if not (folder / "adapter").is_dir():
+        return folder_fingerprint(folder)
     base = Path(resolve_backbone_path(model.config.backbone.name_or_path)).resolve()
-    inside = base == folder.resolve() or folder.resolve() in base.parents
-    if not (folder / "adapter").is_dir() or inside or not base.is_dir():
+    if base == folder.resolve() or folder.resolve() in base.parents or not base.is_dir():
         return folder_fingerprint(folder)
     return hashlib.sha256(f"{folder_fingerprint(folder)}+{folder_fingerprint(base)}".encode()).hexdigest()
 
@@ -180,25 +181,6 @@ class TextEncoder:
         return self.truncate_dim or self.full_dim
 
 
-def load_sentence_transformer(folder: str | Path, trust_remote_code: bool = False, **kwargs: Any):
-    """``SentenceTransformer(folder)`` after the folder passed the remote-code check. Our own
-    module classes (the latent-attention head) are handed over as classes, so loading them
-    needs no ``trust_remote_code`` (which would also let the folder's configs run code)."""
-    check_no_remote_code(folder, trust_remote_code)
-    from sentence_transformers import SentenceTransformer
-
-    kwargs = dict(device="cpu", local_files_only=True, **kwargs)
-    try:
-        if not trust_remote_code and hasattr(SentenceTransformer, "_load_with_module_classes"):
-            from llmembed.st_modules import LatentAttentionPooling
-
-            return SentenceTransformer._load_with_module_classes(
-                str(folder), {LATENT_MODULE_TYPE: LatentAttentionPooling}, **kwargs)
-        return SentenceTransformer(str(folder), trust_remote_code=trust_remote_code, **kwargs)
-    except DAMAGED_WEIGHTS as err:
-        raise EncoderError(f"{folder}: damaged weight file ({type(err).__name__}: {_first_line(err)})") from None
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else "unreadable"
@@ -230,7 +212,12 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
                            "modules.json)")
     if not any(folder.rglob("*.safetensors")) and not any(folder.rglob("*.bin")):
         raise EncoderError(f"{folder}: has no weights (*.safetensors)")
-    model = load_sentence_transformer(folder, trust_remote_code)
+    from llmembed.st_modules import load_sentence_transformer  # sentence-transformers: only when used
+
+    try:
+        model = load_sentence_transformer(folder, trust_remote_code)
+    except DAMAGED_WEIGHTS as err:
+        raise EncoderError(f"{folder}: damaged weight file ({type(err).__name__}: {_first_line(err)})") from None
     prefix_of = passage_prefix = None
     if ours:  # an export served through sentence-transformers: our prompt format as its prompts
         contract = ServingContract.load(folder)

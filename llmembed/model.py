@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from llmembed.backbone import (
+    DAMAGED_WEIGHTS,
     BackboneConfig,
     is_bidirectional,
     load_backbone,
@@ -44,12 +44,11 @@ from llmembed.packing import pack
 from llmembed.pooling import Pooling, PoolingConfig, build_pooling
 from llmembed.prompts import PromptConfig
 from llmembed.remote_code import check_no_remote_code
+from llmembed.resolve import missing_tokenizer_files, missing_weight_files
 from llmembed.serving import SERVING_FILE, ServingContract
 from llmembed.tokenization import EmbeddingTokenizer, Instructions
 
 logger = logging.getLogger(__name__)
-# What a truncated or corrupted safetensors file raises while loading.
-DAMAGED_WEIGHTS = (SafetensorError, EOFError)
 
 CONFIG_FILE = "llmembed_config.json"
 FORMAT_VERSION = 2
@@ -102,41 +101,23 @@ class EmbeddingModelConfig:
                    max_length=contract.max_length, matryoshka_dims=contract.matryoshka_dims)
 
 
-def _weight_files_missing(folder: Path, rel: str) -> list[str]:
-    """The weight files a Hugging Face folder lacks: at least one ``*.safetensors``, and every
-    shard its index lists."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        except ValueError:
-            return [f"{rel}model.safetensors.index.json (not valid JSON)"]
-        return [f"{rel}{name}" for name in shards if not (folder / name).is_file()]
-    if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
-        return []
-    return [f"{rel}*.safetensors"]
-
-
 def missing_files(folder: str | Path) -> list[str]:
     """What a trained model folder or an export lacks to load (paths relative to it): a
     half-copied folder is named with its missing files instead of failing deep in a loader."""
     folder = Path(folder)
-    tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer.model")
     if (folder / CONFIG_FILE).is_file():
-        missing = [name for name in (SERVING_FILE, "tokenizer/tokenizer_config.json") if not (folder / name).is_file()]
-        if not any((folder / "tokenizer" / name).is_file() for name in tokenizer_files):
-            missing.append("tokenizer/tokenizer.json")
+        missing = [] if (folder / SERVING_FILE).is_file() else [SERVING_FILE]
+        missing += missing_tokenizer_files(folder / "tokenizer", "tokenizer/")
         if (folder / "adapter").is_dir():
             missing += [f"adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors")
                         if not (folder / "adapter" / n).is_file()]
         else:
             missing += [] if (folder / "backbone" / "config.json").is_file() else ["backbone/config.json"]
-            missing += _weight_files_missing(folder / "backbone", "backbone/")
+            missing += missing_weight_files(folder / "backbone", "backbone/")
         return missing
-    missing = [name for name in (SERVING_FILE, "config.json", "tokenizer_config.json") if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in tokenizer_files):
-        missing.append("tokenizer.json")
-    return missing + _weight_files_missing(folder, "")
+    missing = [name for name in (SERVING_FILE, "config.json") if not (folder / name).is_file()]
+    missing += missing_tokenizer_files(folder)
+    return missing + missing_weight_files(folder, "")
 
 
 def model_inputs(model_dir: str | Path) -> list[Path]:

@@ -41,6 +41,33 @@ class ModelPathError(ValueError):
     """A model name or folder cannot be used; the message says why in one line."""
 
 
+# A tokenizer is one of these files (fast, sentencepiece, or BPE vocabulary) beside its config.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def missing_weight_files(folder: Path, rel: str = "") -> list[str]:
+    """The weight files a Hugging Face folder lacks (names prefixed with ``rel``): at least one
+    ``*.safetensors`` (or ``*.bin``), and every shard its index lists."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except ValueError:
+            return [f"{rel}model.safetensors.index.json (not valid JSON)"]
+        return [f"{rel}{name}" for name in shards if not (folder / name).is_file()]
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return []
+    return [f"{rel}*.safetensors"]
+
+
+def missing_tokenizer_files(folder: Path, rel: str = "") -> list[str]:
+    """What a folder lacks to hold a tokenizer: its config and one of :data:`TOKENIZER_FILES`."""
+    missing = [] if (folder / "tokenizer_config.json").is_file() else [f"{rel}tokenizer_config.json"]
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"{rel}tokenizer.json")
+    return missing
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map the default aliases to the converted packaged model, check that a local folder is a
     Hugging Face model folder, and pass anything else through as a hub id (transformers gives
@@ -51,6 +78,10 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelPathError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        # A folder copied in part would otherwise send transformers to the hub for the rest.
+        missing = missing_weight_files(path)
+        if missing:
+            raise ModelPathError(f"{path}: incomplete model folder (half copied?), missing {', '.join(missing)}")
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
         raise ModelPathError(f"folder {name_or_path} does not exist")

@@ -9,13 +9,16 @@ is shipped in the export); the exported model card says so.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Module
 
 from llmembed.pooling import LatentAttentionPooling as _LatentHead
 from llmembed.pooling import PoolingConfig
+from llmembed.remote_code import LATENT_MODULE_TYPE, check_no_remote_code
 
 
 class LatentAttentionPooling(Module):
@@ -83,3 +86,15 @@ class LatentAttentionPooling(Module):
         module = cls(**config)
         cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub)
         return module
+
+
+def load_sentence_transformer(folder: str | Path, trust_remote_code: bool = False, **kwargs: Any):
+    """``SentenceTransformer(folder)`` after the folder passed the remote-code check. Our own
+    module classes (the latent-attention head) are handed over as classes, so loading them
+    needs no ``trust_remote_code`` (which would also let the folder's configs run code)."""
+    check_no_remote_code(folder, trust_remote_code)
+    kwargs = dict(device="cpu", local_files_only=True, **kwargs)
+    if not trust_remote_code and hasattr(SentenceTransformer, "_load_with_module_classes"):
+        return SentenceTransformer._load_with_module_classes(str(folder), {LATENT_MODULE_TYPE: LatentAttentionPooling},
+                                                             **kwargs)
+    return SentenceTransformer(str(folder), trust_remote_code=trust_remote_code, **kwargs)

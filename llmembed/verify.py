@@ -257,7 +257,7 @@ def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: 
     (``prompt_name="query"``; a query of another task with its instruction as ``prompt``),
     documents with no prompt at all (the saved default applies), the contract's output width as
     ``truncate_dim``, and the vectors exactly as ST returns them."""
-    from llmembed.encoders import load_sentence_transformer
+    from llmembed.st_modules import load_sentence_transformer
 
     st = load_sentence_transformer(export_dir, truncate_dim=contract.output_dim)
     vectors, tokens = [], []

@@ -72,6 +72,8 @@ def workspace(tiny_llama_dir, tmp_path_factory) -> Path:
     weights = ws / "damaged-export" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.copytree(ws / "export", ws / "half-copied", ignore=shutil.ignore_patterns("*.safetensors", "tokenizer.json"))
+    shutil.copytree(tiny_llama_dir, ws / "half-backbone", ignore=shutil.ignore_patterns("tokenizer.json"))
+    shutil.copytree(tiny_llama_dir, ws / "weightless-backbone", ignore=shutil.ignore_patterns("*.safetensors"))
     # A synth output whose shard lost a record's query.
     from synth.pipeline import Pipeline, Settings
 
@@ -197,6 +199,14 @@ CASES = [
     ("mine-half-copied", MINE, ["--model", "{ws}/half-copied", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/m.jsonl"],
      r"half-copied: incomplete model folder"),
     ("export-half-copied", EXPORT, ["--model", "{ws}/half-copied", "--out", "{ws}/out6"], r"half-copied: incomplete"),
+    ("train-half-copied-backbone", TRAIN, ["--config", "{ws}/config.yaml", "--set",
+                                           "model.backbone.name_or_path={ws}/half-backbone"],
+     r"half-backbone: incomplete model folder .*missing tokenizer\.json"),
+    ("train-weightless-backbone", TRAIN, ["--config", "{ws}/config.yaml", "--set",
+                                          "model.backbone.name_or_path={ws}/weightless-backbone"],
+     r"weightless-backbone: incomplete model folder .*missing \*\.safetensors"),
+    ("synth-half-copied-generator", SYNTH, ["--out", "{ws}/s12", "--model", "{ws}/half-backbone", "--categories", "sts"],
+     r"half-backbone: incomplete model folder .*missing tokenizer\.json"),
     ("mine-out-is-a-folder", MINE, ["--model", "{ws}/model", "--input", "{ws}/pairs.jsonl", "--out", "{ws}/notes"],
      r"--out {ws}/notes: is a folder"),
     ("synth-merge-bad-record", SYNTH_MERGE, ["--out", "{ws}/synth-bad"],

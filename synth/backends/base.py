@@ -56,9 +56,16 @@ def model_path(model: str) -> str:
     """The local folder (or hub id) to load for ``model``: the default aliases resolve to the
     converted packaged model. Uses llmembed's stdlib-only resolver, so synth never imports the
     model code; its errors become one-line ``BackendError``s."""
-    from llmembed.resolve import AssetError, ModelPathError, resolve_model_path
+    from pathlib import Path
+
+    from llmembed.resolve import AssetError, ModelPathError, missing_tokenizer_files, resolve_model_path
 
     try:
-        return resolve_model_path(model)
+        path = resolve_model_path(model)
     except (AssetError, ModelPathError) as err:
         raise BackendError(f"model {model!r}: {err}") from None
+    missing = missing_tokenizer_files(Path(path)) if Path(path).is_dir() else []
+    if missing:  # transformers and vLLM would look for the rest on the hub
+        raise BackendError(f"model {model!r}: {path}: incomplete model folder (half copied?), missing "
+                           f"{', '.join(missing)}")
+    return path
