@@ -153,7 +153,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _compare(result: PathResult, probes: list[Probe], reference: np.ndarray, ref_tokens: list[int],
-             vectors: np.ndarray, tokens: list[int]) -> PathResult:
+             vectors: np.ndarray, tokens: list[int], check_norms: bool = True) -> PathResult:
+    """Cosine and token count per probe, and with ``check_norms`` the vector norms too."""
     if vectors.shape != reference.shape:
         result.error = f"vectors of shape {vectors.shape}, expected {reference.shape}"
         return result
@@ -166,7 +167,7 @@ def _compare(result: PathResult, probes: list[Probe], reference: np.ndarray, ref
         problems = []
         if not cos >= result.threshold:
             problems.append(f"cos {cos:.6f}")
-        if not abs(norm - ref_norm) <= norm_tolerance * max(ref_norm, 1e-6):
+        if check_norms and not abs(norm - ref_norm) <= norm_tolerance * max(ref_norm, 1e-6):
             problems.append(f"norm {norm:.4f}, reference {ref_norm:.4f}")
         if n != ref_n:
             problems.append(f"{n} tokens, reference {ref_n}")
@@ -416,8 +417,8 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
             if width not in by_width:
                 cut.error = f"no vectors at width {width}"
                 continue
-            # Cosine ignores scale: the reference prefix needs no re-normalising.
-            _compare(cut, probes, ref_vectors[:, :width], ref_tokens, by_width[width], tokens)
+            # Cosine only: servers differ on re-normalising a cut prefix (vLLM does, ST does not).
+            _compare(cut, probes, ref_vectors[:, :width], ref_tokens, by_width[width], tokens, check_norms=False)
     return VerifyReport(export_dir, probes, ref_tokens, results)
 
 

@@ -18,6 +18,10 @@ def test_resolver_checks_folders_and_passes_hub_ids(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "empty").mkdir()
+    # A folder copied in part is named with what it lacks (transformers would try the hub).
+    with pytest.raises(ModelPathError, match=r"model: incomplete model folder \(half copied\?\), missing \*\.safetensors"):
+        resolve_model_path(str(tmp_path / "model"))
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
     assert resolve_model_path(str(tmp_path / "model")) == str(tmp_path / "model")
     assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     with pytest.raises(ModelPathError, match="has no config.json"):

@@ -320,7 +320,6 @@ def test_credentials_in_the_endpoint_url_reach_no_file_and_no_output(tmp_path, c
     """A user name, password and query-string token in --base-url are used for the requests but
     blanked everywhere a run writes or prints."""
     import threading
-    from http.server import ThreadingHTTPServer
 
     from synth.generate import main as generate_main
 
