@@ -45,6 +45,12 @@ class BackboneError(ValueError):
 # What loading raises for a weight file cut short or corrupted (a full disk, a broken copy).
 DAMAGED_WEIGHTS = (SafetensorError, EOFError)
 
+
+def damaged_weights_message(folder: object, err: BaseException) -> str:
+    """One line for a folder whose weights fail to load with one of :data:`DAMAGED_WEIGHTS`."""
+    text = str(err).strip()
+    return f"{folder}: damaged weight file ({type(err).__name__}: {text.splitlines()[0][:200] if text else 'unreadable'})"
+
 @dataclass
 class BackboneConfig:
     """How to build the backbone.

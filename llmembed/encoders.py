@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from llmembed.backbone import DAMAGED_WEIGHTS
+from llmembed.backbone import DAMAGED_WEIGHTS, damaged_weights_message
 from llmembed.remote_code import check_no_remote_code
 from llmembed.serving import SERVING_FILE, ServingContract
 
@@ -181,11 +181,6 @@ class TextEncoder:
         return self.truncate_dim or self.full_dim
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else "unreadable"
-
-
 def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: bool = False,
                  batch_size: int = 32) -> TextEncoder:
     """The encoder for ``folder`` (see the module docstring); a folder that is neither kind is
@@ -217,7 +212,7 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
     try:
         model = load_sentence_transformer(folder, trust_remote_code)
     except DAMAGED_WEIGHTS as err:
-        raise EncoderError(f"{folder}: damaged weight file ({type(err).__name__}: {_first_line(err)})") from None
+        raise EncoderError(damaged_weights_message(folder, err)) from None
     prefix_of = passage_prefix = None
     if ours:  # an export served through sentence-transformers: our prompt format as its prompts
         contract = ServingContract.load(folder)

@@ -33,6 +33,7 @@ from torch import nn
 from llmembed.backbone import (
     DAMAGED_WEIGHTS,
     BackboneConfig,
+    damaged_weights_message,
     is_bidirectional,
     load_backbone,
     load_tokenizer,
@@ -223,8 +224,7 @@ class EmbeddingModel(nn.Module):
             try:
                 return load(folder, trainable, trust_remote_code, backbone_overrides)
             except DAMAGED_WEIGHTS as err:
-                raise ValueError(f"{folder}: damaged weight file ({type(err).__name__}: "
-                                 f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'unreadable'})") from None
+                raise ValueError(damaged_weights_message(folder, err)) from None
         raise FileNotFoundError(f"{folder} is not an llmembed model folder (no {CONFIG_FILE}) nor an llmembed "
                                 f"export (no {SERVING_FILE})")
 

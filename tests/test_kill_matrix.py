@@ -34,19 +34,20 @@ def _staging(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if STAGING_TAG in p.name]
 
 
-def _kill_when(cmd: list[str], moment, timeout: float = 300) -> None:
-    """Run ``cmd`` and SIGKILL its whole process group as soon as ``moment()`` is true; fail,
-    rather than pass vacuously, if the command ended first."""
+def _kill_when(cmd: list[str], moment, timeout: float = 300) -> bool:
+    """Run ``cmd`` and SIGKILL its whole process group as soon as ``moment()`` is true; return
+    whether it was killed then (False: the command ended before the moment came)."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not moment() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert proc.poll() is None, "the command ended before the moment to kill it came"
+            time.sleep(0.001)
+        hit = proc.poll() is None
     finally:
         kill_tree(proc)
-    assert proc.returncode == -signal.SIGKILL
+    assert not hit or proc.returncode == -signal.SIGKILL
+    return hit
 
 
 def _after(seconds: float):
@@ -73,8 +74,14 @@ def _check_kills(tmp_path, inputs: list[Path], command, out_of, moments) -> None
     run_group(command(reference), ENV, tmp_path, 600, "uninterrupted run")
     expected = {k.split("/", 1)[-1]: v for k, v in _checksums(reference).items()}
     for name, moment in moments.items():
-        out = out_of(name)
-        _kill_when(command(out), moment(out))
+        # A short moment (a few milliseconds of writing) can slip past the polling on a busy
+        # machine: try again in a fresh place, and fail only if it is never caught.
+        for attempt in range(5):
+            out = out_of(f"{name}-{attempt}")
+            if _kill_when(command(out), moment(out)) and not out.exists():
+                break  # killed before its output was in place (after it, the run was as good as done)
+        else:
+            pytest.fail(f"the moment {name!r} was never caught in 5 runs")
         run_group(command(out), ENV, tmp_path, 600, f"rerun after a kill at {name}")
         assert {k.split("/", 1)[-1]: v for k, v in _checksums(out).items()} == expected, name
         assert not _staging(out.parent), (name, _staging(out.parent))
