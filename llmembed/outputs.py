@@ -26,6 +26,7 @@ Standard library only: synth uses it in the vLLM environment.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -59,8 +60,6 @@ def any_json_with(*keys: str) -> Callable[[Path], bool]:
     """A recogniser for a JSON report: an object holding every one of ``keys``."""
 
     def recognise(path: Path) -> bool:
-        import json
-
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
