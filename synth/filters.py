@@ -40,8 +40,13 @@ def shingles(text: str, n: int = 3) -> set[str]:
 class RecordFilter:
     def __init__(self, min_query_chars: int = 3, min_passage_chars: int = 2, near_dup_threshold: float = 0.85,
                  num_perm: int = 64, decontaminate: str | Path | None = None, contamination_ngram: int = 8,
-                 seed: int = 1) -> None:
+                 seed: int = 1, query_only: bool = False) -> None:
         from datasketch import MinHash, MinHashLSH
+
+        # query_only: duplicates are judged on the query alone (queries written for passages of
+        # one corpus: two queries for one long passage share most shingles, two passages asked
+        # the same generic question should keep one).
+        self.query_only = query_only
 
         self._MinHash = MinHash
         self.min_query_chars = min_query_chars
@@ -82,10 +87,10 @@ class RecordFilter:
             for text in (query, positive, *negatives):
                 if normalise(text) in self.eval_texts or shingles(text, self.contamination_ngram) & self.eval_ngrams:
                     return "contaminated"
-        digest = hashlib.sha256(f"{nq}\x00{np_}".encode()).hexdigest()
+        digest = self._digest(nq, np_)
         if digest in self.seen:
             return "duplicate"
-        signature = self._minhash(f"{query} {positive}")
+        signature = self._minhash(self._text(query, positive))
         if self.lsh.query(signature):
             return "near_duplicate"
         self.seen.add(digest)
@@ -94,6 +99,11 @@ class RecordFilter:
 
     def remember(self, record: dict, key: str) -> None:
         """Add an already accepted record (from a finished shard) to the duplicate indexes."""
-        nq, np_ = normalise(record["query"]), normalise(record["positive"])
-        self.seen.add(hashlib.sha256(f"{nq}\x00{np_}".encode()).hexdigest())
-        self.lsh.insert(key, self._minhash(f"{record['query']} {record['positive']}"))
+        self.seen.add(self._digest(normalise(record["query"]), normalise(record["positive"])))
+        self.lsh.insert(key, self._minhash(self._text(record["query"], record["positive"])))
+
+    def _digest(self, query: str, positive: str) -> str:
+        return hashlib.sha256((query if self.query_only else f"{query}\x00{positive}").encode()).hexdigest()
+
+    def _text(self, query: str, positive: str) -> str:
+        return query if self.query_only else f"{query} {positive}"

@@ -2,7 +2,9 @@
 
 Runs out of the box on CPU with the built-in SmolLM2-135M-Instruct and the transformers
 backend; use ``--backend vllm`` on GPUs or ``--backend openai --base-url URL`` for a server.
-Rerun the same command after a crash to continue.
+With ``--corpus docs.jsonl`` it writes queries for the passages of your own corpus instead of
+inventing both sides (``synth.grounded``); ``python -m synth.relabel`` then lets the LLM pick
+each query's positive. Rerun the same command after a crash to continue.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from llmembed.argtypes import float_in, int_at_least
 from synth.backends import BackendError, create_backend
+from synth.grounded import GroundedPipeline, file_sha256, token_cutter
 from synth.pipeline import Settings, Pipeline
 
 
@@ -28,6 +33,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--languages", nargs="*", default=[], help="subset of languages (default: weighted list)")
     p.add_argument("--taxonomy", help="YAML taxonomy to use instead of the built-in one")
     p.add_argument("--tasks-file", help='JSON {"category": ["task definition", ...]} used instead of brainstorming')
+    corpus = p.add_argument_group("corpus mode (queries grounded in your passages; see synth.grounded)")
+    corpus.add_argument("--corpus", help='JSONL of passages: {"text"} or {"id", "text"} lines')
+    corpus.add_argument("--queries-per-passage", type=int_at_least(1), default=1)
+    corpus.add_argument("--query-kinds", nargs="*", default=[],
+                        help="kinds of query to write (default: all of the kinds file: question keywords claim title)")
+    corpus.add_argument("--query-kinds-file", help="YAML of query kinds instead of the built-in synth/query_kinds.yaml")
+    corpus.add_argument("--prompt-form", choices=["fewshot", "chat"], default="fewshot",
+                        help="fewshot: completion prompt (small and base models); chat: JSON task + query (instruct models)")
+    corpus.add_argument("--passage-max-tokens", type=int_at_least(1), default=256,
+                        help="passages are cut to this many tokens of the generator's tokenizer")
+    corpus.add_argument("--max-passages", type=int_at_least(1), help="a seeded sample of this many passages")
+    corpus.add_argument("--instruction", help="task instruction of every record (default: the kind's, or the LLM's in chat form)")
     p.add_argument("--decontaminate", help="text file of evaluation texts (one per line) to keep out")
     p.add_argument("--max-field-chars", type=int_at_least(1), help="cap every generated string field at this many characters")
     p.add_argument("--temperature", type=float_in(0.0), default=1.0)
@@ -86,7 +103,7 @@ def backend_factory(args: argparse.Namespace):
 
 def summary_table(manifest: dict) -> str:
     totals = manifest["totals"]
-    lines = [f"{'category':<14}{'generated':>10}{'accepted':>10}"]
+    lines = [f"{'kind' if manifest['run_key'].get('corpus') else 'category':<14}{'generated':>10}{'accepted':>10}"]
     for cat in manifest["categories"]:
         lines.append(f"{cat:<14}{totals['generated_by_category'].get(cat, 0):>10}"
                      f"{totals['accepted_by_category'].get(cat, 0):>10}")
@@ -116,7 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         max_field_chars=args.max_field_chars, decoding=decoding_settings(args),
     )
     try:
-        pipeline = Pipeline(settings, backend_factory(args))
+        if args.corpus:
+            if not Path(args.corpus).is_file():
+                raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+            settings = replace(settings, corpus=args.corpus, corpus_sha256=file_sha256(args.corpus),
+                               queries_per_passage=args.queries_per_passage, query_kinds=args.query_kinds,
+                               query_kinds_file=args.query_kinds_file, prompt_form=args.prompt_form,
+                               passage_max_tokens=args.passage_max_tokens, max_passages=args.max_passages,
+                               instruction=args.instruction)
+            pipeline = GroundedPipeline(settings, backend_factory(args),
+                                        cut=token_cutter(args.model, args.passage_max_tokens))
+        else:
+            pipeline = Pipeline(settings, backend_factory(args))
         manifest = pipeline.run(progress=not args.no_progress)
     except (BackendError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -57,13 +57,30 @@ class Settings:
     # The backend's settings that change what is generated (constrained decoding, dtype, the
     # batch a seed is drawn for...): part of the run key, so a rerun with others is refused.
     decoding: dict = field(default_factory=dict)
+    # Corpus mode (synth.grounded): queries written for the passages of this JSONL file.
+    corpus: str | None = None
+    corpus_sha256: str | None = None
+    queries_per_passage: int = 1
+    query_kinds: list[str] = field(default_factory=list)
+    query_kinds_file: str | None = None
+    prompt_form: str = "fewshot"
+    passage_max_tokens: int | None = 256
+    max_passages: int | None = None
+    instruction: str | None = None  # every record's task instruction (default: the kind's or the LLM's)
 
     def run_key(self) -> dict:
         """Settings that must match for a rerun to continue an existing output folder."""
         key = asdict(self)
         key.pop("out")
         key.pop("max_attempts")
+        if self.corpus is None:  # the corpus mode's settings do not apply
+            for name in CORPUS_SETTINGS:
+                key.pop(name)
         return key
+
+
+CORPUS_SETTINGS = ("corpus", "corpus_sha256", "queries_per_passage", "query_kinds", "query_kinds_file", "prompt_form",
+                   "passage_max_tokens", "max_passages", "instruction")
 
 
 def _key(*parts) -> list[int]:
@@ -87,8 +104,8 @@ class Pipeline:
                                                                   settings.languages or None)
         self.out = Path(settings.out)
         self.part = f"part{settings.shard_index:03d}of{settings.num_shards:03d}"
-        inputs = [settings.taxonomy, settings.tasks_file, settings.decontaminate,
-                  settings.model if Path(settings.model).is_dir() else None]
+        inputs = [settings.taxonomy, settings.tasks_file, settings.decontaminate, settings.corpus,
+                  settings.query_kinds_file, settings.model if Path(settings.model).is_dir() else None]
         check_output(self.out, inputs=inputs, kind=SYNTH_KIND, continues=True)
         if settings.decontaminate and not Path(settings.decontaminate).is_file():
             raise FileNotFoundError(f"--decontaminate {settings.decontaminate}: no such file")
@@ -201,6 +218,22 @@ class Pipeline:
         return ChatRequest(render(f"example_{item['category']}", **values), example_schema(item["category"], self.s.max_field_chars),
                            item["seed"] + attempt * 1_000_003, self.s.max_tokens, self.s.temperature, self.s.top_p)
 
+    def parse(self, item: dict, text: str, request: ChatRequest) -> dict:
+        """The fields of one generation (``ParseError`` names why not). The schema it was
+        decoded with is enforced here for unconstrained endpoints too."""
+        return parse_example(text, item["category"], request.schema)
+
+    def to_record(self, item: dict, fields: dict) -> dict:
+        return to_record(item["category"], fields, item["task"], item["language"],
+                         {"id": item["id"], "params": item["params"], "seed": item["seed"]})
+
+    def record_filter(self) -> RecordFilter:
+        return RecordFilter(decontaminate=self.s.decontaminate, seed=self.s.seed)
+
+    @property
+    def category_names(self) -> list[str]:
+        return list(self.taxonomy.categories)
+
     # ------------------------------------------------------------------ shards
     def run_shard(self, index: int, items: list[dict], filt: RecordFilter) -> dict:
         started = time.perf_counter()
@@ -226,8 +259,7 @@ class Pipeline:
                 try:
                     if gen.error:
                         raise ParseError("backend_error", gen.error)
-                    # The schema it was decoded with: enforced here for unconstrained endpoints too.
-                    parsed[item["id"]] = parse_example(gen.text, item["category"], request.schema)
+                    parsed[item["id"]] = self.parse(item, gen.text, request)
                     row["status"] = "parsed"
                 except ParseError as err:
                     failure[item["id"]] = err.reason
@@ -241,8 +273,7 @@ class Pipeline:
             if item["id"] not in parsed:
                 reason = failure[item["id"]]
             else:
-                record = to_record(item["category"], parsed[item["id"]], item["task"], item["language"],
-                                   {"id": item["id"], "params": item["params"], "seed": item["seed"]})
+                record = self.to_record(item, parsed[item["id"]])
                 reason = filt.check(record, item["id"])
                 if reason is None:
                     _validate(record)
@@ -278,7 +309,7 @@ class Pipeline:
         tasks = self.brainstorm() if any(c.brainstorm for c in self.taxonomy.categories.values()) else {}
         items = self.items(tasks)
         shards = [items[i : i + self.s.shard_size] for i in range(0, len(items), self.s.shard_size)]
-        filt = RecordFilter(decontaminate=self.s.decontaminate, seed=self.s.seed)
+        filt = self.record_filter()
         for index in range(len(shards)):  # rebuild the duplicate index from finished shards
             if self.store.done(index):
                 for record in self.store.records(index):
@@ -306,7 +337,7 @@ class Pipeline:
             "sampling": {"temperature": self.s.temperature, "top_p": self.s.top_p, "max_tokens": self.s.max_tokens,
                          "max_attempts": self.s.max_attempts},
             "seed": self.s.seed,
-            "categories": list(self.taxonomy.categories),
+            "categories": self.category_names,
             "template_hashes": template_hashes(),
             "taxonomy_sha256": hashlib.sha256(json.dumps(asdict_taxonomy(self.taxonomy), sort_keys=True).encode()).hexdigest()[:16],
             "brainstorm": ({k: len(v) for k, v in json.loads(brainstorm.read_text())["tasks"].items()}
@@ -321,7 +352,8 @@ class Pipeline:
 
 
 # What a synth run writes into --out (temporary files of atomic writes start with a dot).
-OUTPUT_ENTRIES = ("shards", "raw", "stats", "merged", "brainstorm.json", "manifest.json", "manifest.part*.json",
+PASSAGES_FILE = "passages.jsonl"  # corpus mode: the corpus as the queries saw it
+OUTPUT_ENTRIES = ("shards", "raw", "stats", "merged", "brainstorm.json", PASSAGES_FILE, "manifest.json", "manifest.part*.json",
                   ".synth-part*.lock", f".*{STAGING_TAG}*", ".manifest*.json.*", ".brainstorm.json.*")
 
 

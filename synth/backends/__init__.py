@@ -1,8 +1,9 @@
-"""Generation backends behind one interface: ``Backend.generate(requests) -> generations``."""
+"""Generation backends behind one interface: ``Backend.generate(requests) -> generations`` and,
+for relabelling, ``Backend.score(requests) -> token log-probabilities``."""
 
 from __future__ import annotations
 
-from synth.backends.base import Backend, BackendError, ChatRequest, Generation
+from synth.backends.base import Backend, BackendError, ChatRequest, Generation, ScoreRequest
 
 
 def create_backend(name: str, **options) -> Backend:
@@ -22,4 +23,4 @@ def create_backend(name: str, **options) -> Backend:
     raise BackendError(f"unknown backend {name!r}: use transformers, vllm or openai")
 
 
-__all__ = ["Backend", "BackendError", "ChatRequest", "Generation", "create_backend"]
+__all__ = ["Backend", "BackendError", "ChatRequest", "Generation", "ScoreRequest", "create_backend"]

@@ -64,13 +64,18 @@ class OpenAIBackend(Backend):
     def _one(self, request: ChatRequest) -> Generation:
         import openai
 
-        kwargs = dict(model=self.model, messages=request.messages, max_tokens=request.max_tokens,
-                      temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        kwargs = dict(model=self.model, max_tokens=request.max_tokens, temperature=request.temperature,
+                      top_p=request.top_p, seed=request.seed)
+        if request.stop:
+            kwargs["stop"] = list(request.stop)
         if request.schema is not None:
             kwargs["response_format"] = {"type": "json_schema",
                                          "json_schema": {"name": "record", "schema": request.schema, "strict": True}}
+        # A plain prompt goes to the completions endpoint, chat messages to chat completions.
+        endpoint = self.client.completions if request.prompt is not None else self.client.chat.completions
+        kwargs.update(prompt=request.prompt) if request.prompt is not None else kwargs.update(messages=request.messages)
         try:
-            raw = self.client.chat.completions.with_raw_response.create(**kwargs)
+            raw = endpoint.with_raw_response.create(**kwargs)
         except openai.APIStatusError as err:
             status = err.status_code
             if status in (408, 409, 429) or status >= 500:  # retryable: the client gave up
@@ -86,7 +91,8 @@ class OpenAIBackend(Backend):
         response = raw.parse()
         choice = response.choices[0]
         usage = response.usage
-        return Generation(choice.message.content or "", usage.prompt_tokens if usage else 0,
+        text = choice.text if request.prompt is not None else choice.message.content
+        return Generation(text or "", usage.prompt_tokens if usage else 0,
                           usage.completion_tokens if usage else 0, choice.finish_reason or "stop",
                           attempts=raw.retries_taken + 1)
 
