@@ -9,7 +9,7 @@ round-trip consistency, Dai et al., 2022).
    ``llmembed.mine``'s exact faiss search).
 2. The generator LLM scores every candidate twice: query likelihood, the mean log-probability
    of the query's tokens given the passage (one forward pass; prompt log-probabilities in vLLM),
-   and, unless ``--no-relevance``, a yes/no relevance judgement, the log-odds of " Yes" over
+   and, with ``--relevance``, a yes/no relevance judgement, the log-odds of " Yes" over
    " No" after a question asking whether the passage answers the query.
 3. The two rankings are fused by reciprocal rank (``1 / (k + rank)`` summed). The fused top is
    the positive, often not the seed (the count is in the stats); hard negatives come from the
@@ -56,7 +56,11 @@ DEFAULT_LABEL = "Query"
 @dataclass
 class RelabelSettings:
     candidates: int = 5  # nearest passages under the embedder, besides the seed
-    relevance: bool = True  # also the yes/no judgement (a second forward pass per pair)
+    # Also the yes/no judgement (a second forward pass per pair). Off by default: the default
+    # 135M judge's yes/no odds do not track relevance (on the planted test set of
+    # tests/test_relabel.py it ranked chit-chat first for an unrelated question); worth it with
+    # a larger instruct model.
+    relevance: bool = False
     rrf_k: int = 60
     round_trip_k: int = 2
     negatives: int = 1
@@ -270,13 +274,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int_at_least(16), default=4096, help="vllm backend")
     p.add_argument("--enforce-eager", action="store_true", help="vllm backend")
     p.add_argument("--candidates", type=int_at_least(1), default=5, help="nearest passages judged besides the seed")
-    p.add_argument("--no-relevance", action="store_true", help="query likelihood only (one forward per pair)")
+    p.add_argument("--relevance", action="store_true",
+                   help="also the yes/no relevance judgement, fused with query likelihood (a larger judge LLM)")
     p.add_argument("--round-trip-k", type=int_at_least(1), default=2,
                    help="drop a query whose seed passage is not in the judge's top K")
     p.add_argument("--negatives", type=int_at_least(0), default=1)
     p.add_argument("--negative-start", type=int_at_least(1), default=2, help="fused rank hard negatives start at")
     p.add_argument("--rrf-k", type=int_at_least(1), default=60)
     p.add_argument("--query-kinds-file", help="the kinds file the queries were written with (their labels)")
+    p.add_argument("--chunk-size", type=int_at_least(1), default=512,
+                   help="(query, passage) pairs per cached chunk of scores: the unit a killed run loses")
     p.add_argument("--cache-dir", help="score and embedding cache (default: OUT.cache)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier --out of this command")
     p.add_argument("--no-progress", action="store_true")
@@ -289,7 +296,7 @@ def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
     from synth.backends.base import model_path
 
     weights = folder_fingerprint(Path(model_path(args.model)))
-    return json.dumps({"weights": weights, "backend": args.backend, "dtype": args.dtype, "relevance": not args.no_relevance,
+    return json.dumps({"weights": weights, "backend": args.backend, "dtype": args.dtype, "relevance": args.relevance,
                        "prompts": [LIKELIHOOD_CONTEXT, RELEVANCE_CONTEXT, YES, NO]}, sort_keys=True)
 
 
@@ -300,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     try:
-        settings = RelabelSettings(candidates=args.candidates, relevance=not args.no_relevance,
+        settings = RelabelSettings(candidates=args.candidates, relevance=args.relevance,
                                    rrf_k=args.rrf_k, round_trip_k=args.round_trip_k, negatives=args.negatives,
-                                   negative_start=args.negative_start)
+                                   negative_start=args.negative_start, chunk_size=args.chunk_size)
         inputs = [args.input, args.corpus, args.embedder, args.query_kinds_file]
         check_output(out, inputs=inputs, kind=RELABELLED_KIND, overwrite=args.overwrite)
         check_output(stats_path(out), inputs=inputs, kind=STATS_KIND, overwrite=args.overwrite,

@@ -56,34 +56,39 @@ class MNTPMasking:
     special_ids: set[int]
 
 
-TEACHER_KEYS = {"embedding": ("positive_score", "negative_scores"),
-                "reranker": ("reranker_positive_score", "reranker_negative_scores")}
+# Where each teacher's scores live in a record's meta: (section, positive score, negative scores).
+TEACHER_KEYS = {"embedding": ("mining", "positive_score", "negative_scores"),
+                "reranker": ("mining", "reranker_positive_score", "reranker_negative_scores"),
+                # synth.relabel: the generator LLM's query likelihood of each candidate
+                "llm": ("relabel", "positive_score", "negative_scores")}
+WRITTEN_BY = {"embedding": "llmembed.mine", "reranker": "llmembed.mine --cross-encoder", "llm": "synth.relabel"}
 
 
 def teacher_scores(records: list[Record], source: str, where: str) -> list[list[float] | None]:
-    """``[positive, *negatives]`` teacher scores per record from ``meta.mining`` (``source``:
-    the mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores); None
-    for a record that has no negatives (mining found none outside the positive-aware rule)."""
+    """``[positive, *negatives]`` teacher scores per record from its meta (``source``: the
+    mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores in
+    ``meta.mining``, the LLM judge's ``llm`` scores in ``meta.relabel``); None for a record that
+    has no negatives (mining found none outside the positive-aware rule)."""
     if source not in TEACHER_KEYS:
         raise ValueError(f"{where}: teacher_scores must be one of {sorted(TEACHER_KEYS)}, got {source!r}")
-    positive_key, negative_key = TEACHER_KEYS[source]
+    section, positive_key, negative_key = TEACHER_KEYS[source]
     table: list[list[float] | None] = []
     for number, record in enumerate(records, start=1):
         if not record.negatives:
             table.append(None)
             continue
-        mining = record.meta.get("mining") or {}
-        positive, negatives = mining.get(positive_key), mining.get(negative_key)
+        scores = record.meta.get(section) or {}
+        positive, negatives = scores.get(positive_key), scores.get(negative_key)
         problem = None
         if not isinstance(positive, (int, float)):
-            problem = f"meta.mining.{positive_key} is missing"
+            problem = f"meta.{section}.{positive_key} is missing"
         elif not isinstance(negatives, list) or len(negatives) != len(record.negatives):
-            problem = f"meta.mining.{negative_key} does not give one score per negative"
+            problem = f"meta.{section}.{negative_key} does not give one score per negative"
         elif any(not isinstance(x, (int, float)) for x in negatives):
-            problem = f"meta.mining.{negative_key} has a negative without a score (kept from before mining?)"
+            problem = f"meta.{section}.{negative_key} has a negative without a score (kept from before mining?)"
         if problem:
-            raise ValueError(f"{where}: record {number} (query {record.query[:40]!r}): {problem}; mine it with "
-                             f"llmembed.mine{' --cross-encoder' if source == 'reranker' else ''} or drop teacher_scores")
+            raise ValueError(f"{where}: record {number} (query {record.query[:40]!r}): {problem}; write it with "
+                             f"{WRITTEN_BY[source]} or drop teacher_scores")
         table.append([float(positive), *map(float, negatives)])
     return table
 

@@ -39,7 +39,8 @@ class DatasetConfig:
     loss: str = "auto"
     # Distil a teacher's scores over each query's candidates (InfoNCE datasets): "embedding"
     # (the mining model's scores) or "reranker" (llmembed.mine --cross-encoder), read from the
-    # records' meta.mining; weighted by loss.distill_weight. None: no distillation.
+    # records' meta.mining, or "llm" (the generator's query likelihoods, synth.relabel, from
+    # meta.relabel); weighted by loss.distill_weight. None: no distillation.
     teacher_scores: str | None = None
 
     def __post_init__(self) -> None:

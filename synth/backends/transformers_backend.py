@@ -139,7 +139,7 @@ class TransformersBackend(Backend):
                 for number in inputs[seq]:
                     r = requests[number]
                     first = len(r.context_ids) - 1  # the position that predicts the first target token
-                    logits = head(hidden[row, first : first + len(r.target_ids)]).float()
+                    logits = head(hidden[row, first : first + len(r.target_ids)]).double()
                     if cap:
                         logits = torch.tanh(logits / cap) * cap
                     logprobs = torch.log_softmax(logits, dim=-1)
