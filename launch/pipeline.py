@@ -1,4 +1,4 @@
-"""The main job as one pipeline: synth -> filter -> mine -> train -> evaluate -> export -> serve.
+"""The main job as one pipeline: corpus -> queries -> relabel -> mine -> train -> evaluate -> export -> serve.
 
     bash launch/pipeline.sh                      # CPU, offline, the built-in default (sets up .venv)
     .venv/bin/python launch/pipeline.py [--out runs/pipeline] [--procs 2]
@@ -9,22 +9,29 @@ skips finished stages whose command and inputs are unchanged, and the training s
 from its last checkpoint, so a killed pipeline, rerun with the same command, continues. Training
 writes to ``<out>/run-<fingerprint of config and data>``: an edited config trains anew. Stages:
 
-1. ``synth``: a small synthetic set from the default generator (transformers backend, English:
-   a 135M model writes word salad in other languages), merged across parts with duplicate
-   removal and a held-out half (``synth.merge``).
-2. ``synth_train_*`` / ``synth_heldout_*``: both splits pass cheap text checks, then the packaged
-   all-MiniLM-L6-v2 teacher's score filter (pairs under 0.4 dropped, Conan's rule, via
-   ``llmembed.mine --min-positive-score``).
-3. ``data`` + ``mine``: chatterbot-corpus pairs (packaged), hard negatives mined by the teacher
-   with the positive-aware rule (optionally re-scored by ``--cross-encoder``).
-4. ``train_seed<N>`` for each of ``--seeds``: LoRA on the default backbone under DeepSpeed ZeRO-2
+1. ``corpus`` + ``synth`` + ``relabel``: queries grounded in a corpus (``synth.generate --corpus``):
+   by default the chatterbot English training split's answers (answers only; no question is
+   shown, and the held-out split stays unseen), or ``--corpus FILE``, your own documents. The
+   default generator writes one question per passage from a few-shot prompt; ``synth.relabel``
+   has the same LLM pick each query's positive among the passage and its nearest neighbours
+   under the teacher, and drops queries that do not find their own passage again (round trip).
+   With ``--corpus``, ``synth_split`` holds out one passage in ten (with every query whose
+   positive it is) as a synthetic held-out task, the one test your documents have (by default
+   the chatterbot held-out split is the test, and every synthetic pair trains). ``--invent`` runs E5-mistral's scheme instead (the generator
+   invents both sides; a strong generator's job), filtered by text checks and the teacher's
+   score (pairs under 0.4 dropped, Conan's rule).
+2. ``data`` + ``mine``: chatterbot-corpus pairs (packaged; not with ``--corpus``, where your
+   documents' synthetic pairs are all the training data) and the synthetic training pairs, hard
+   negatives mined by the teacher with the positive-aware rule (optionally re-scored by
+   ``--cross-encoder``).
+3. ``train_seed<N>`` for each of ``--seeds``: LoRA on the default backbone under DeepSpeed ZeRO-2
    on ``--procs`` CPU processes; ``merge``: the seeds' models averaged weight by weight and the
    average's change from the pretrained backbone scaled by ``--merge-scale`` (``llmembed.merge
    --method linear --scale``), which is what the later stages evaluate and ship. One seed at
    scale 1 skips it.
-5. ``evaluate``: the offline suite plus the synthetic held-out split, for the reference
+4. ``evaluate``: the offline suite plus the synthetic held-out split, for the reference
    (all-MiniLM-L6-v2), the untrained configuration and the trained model.
-6. ``export`` (checked by ``llmembed.verify``), then the export scored again through
+5. ``export`` (checked by ``llmembed.verify``), then the export scored again through
    sentence-transformers, and one query answered by the reloaded export.
 
 ``--train-config launch/configs/pipeline_gpu.yaml`` with ``--synth-backend vllm`` and a 7B
@@ -60,6 +67,16 @@ class PipelineSettings:
 
     train_config: Path = REPO / "launch" / "configs" / "pipeline.yaml"
     procs: int = 2
+    # Your own documents ({"text"} or {"id", "text"} lines): queries are written for them and
+    # they are all the training data. None: the chatterbot English training answers, with the
+    # real chatterbot pairs beside the synthetic ones.
+    corpus: Path | None = None
+    queries_per_passage: int = 1
+    max_passages: int | None = None  # a seeded sample of the corpus gets queries (all are candidates)
+    query_kinds: list[str] = field(default_factory=lambda: ["question"])
+    relevance: bool = False  # synth.relabel --relevance (worth it with a larger generator)
+    round_trip_k: int = 2
+    invent: bool = False  # E5-mistral's scheme (synth.generate without --corpus) instead
     synth_backend: str = "transformers"
     generator: str = "default"
     synth_tasks: int = 6
@@ -132,37 +149,22 @@ class Pipeline:
 
         opts = self.settings
         teacher = opts.teacher or str(reference_model_dir())
-        reranker = ["--cross-encoder", opts.cross_encoder] if opts.cross_encoder else []
-        generator = opts.generator if Path(opts.generator).is_dir() else None
-        synth = self.out / "synth"
-        merged = synth / "merged"
-        self.stage("synth", [
-            [PY, "-m", "synth.generate", "--out", str(synth), "--backend", opts.synth_backend, "--model", opts.generator,
-             "--categories", "short_long", "short_short", "--num-tasks", str(opts.synth_tasks),
-             "--examples-per-task", str(opts.synth_examples), "--temperature", str(opts.synth_temperature),
-             "--max-tokens", "256", "--max-field-chars", "400", "--no-progress",
-             *(["--languages", *opts.synth_languages] if opts.synth_languages else []), *opts.synth_args],
-            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.5", "--overwrite"],
-        ], inputs=(generator,), outputs=(merged / "train.jsonl", merged / "heldout.jsonl"))
-        # Both splits pass the same checks: a held-out pair the teacher calls unrelated measures noise.
-        filtered = self.filter_synthetic(synth / "merged" / "train.jsonl", "synth_train", teacher)
-        synth_heldout = self.filter_synthetic(synth / "merged" / "heldout.jsonl", "synth_heldout", teacher)
         chatterbot = self.data / "chatterbot"
         self.stage("data", [[PY, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(chatterbot), "--overwrite"]],
                    outputs=(chatterbot / "train.jsonl", chatterbot / "heldout.jsonl"))
-        mined = self.data / "chatterbot_mined.jsonl"
-        self.stage("mine", [
-            [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(chatterbot / "train.jsonl"),
-             "--out", str(mined), "--ranks", opts.ranks, "--num-negatives", str(opts.num_negatives), "--no-progress",
-             "--overwrite", *reranker],
-        ], inputs=(chatterbot / "train.jsonl", teacher, opts.cross_encoder), outputs=(mined,))
+        if opts.invent:
+            synth_train, synth_heldout = self.invented(teacher)
+        else:
+            synth_train, synth_heldout = self.grounded(teacher, chatterbot / "train.jsonl")
+        sources = [self.mine(synth_train, "synthetic", teacher)]
+        if opts.corpus is None:  # the real pairs beside the synthetic ones
+            sources.insert(0, self.mine(chatterbot / "train.jsonl", "chatterbot", teacher))
         config = opts.train_config
-        # One training file: the few synthetic pairs that pass both filters on CPU would be a
-        # dataset smaller than one batch; with the real pairs they share batches (a record
-        # without hard negatives borrows other records' positives).
+        # One training file: synthetic and real pairs share batches (a record without hard
+        # negatives borrows other records' positives).
         mixed = self.data / "train_mixed.jsonl"
-        self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed), str(mined),
-                                str(filtered)]], inputs=(mined, filtered), outputs=(mixed,))
+        self.stage("combine", [[PY, str(REPO / "launch" / "pipeline.py"), "--concat", str(mixed), *map(str, sources)]],
+                   inputs=tuple(sources), outputs=(mixed,))
         # One run folder per (config, data, seed): an edited config trains anew instead of
         # resuming checkpoints made under the old one, and every later stage follows the new folder.
         key = fingerprint(config, mixed)[:10]
@@ -191,12 +193,86 @@ class Pipeline:
                                                                                "python").is_file() else []
         self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(final), "--out", str(export),
                                "--overwrite", *vllm]], inputs=(final,), outputs=(export,))
+        # Answer one question the model never saw: a held-out chatterbot question, or with your
+        # own corpus a synthetic held-out query.
+        asked = synth_heldout if opts.corpus is not None and synth_heldout.stat().st_size else chatterbot / "heldout.jsonl"
         self.stage("serve", [
             [PY, "-m", "llmembed.evaluate", "--model", str(export), "--backend", "sentence-transformers",
              "--suite", "offline", *records, "--json", str(self.out / "scores_export_st.json"), "--overwrite"],
-            [PY, str(REPO / "launch" / "pipeline.py"), "--answer", str(export), str(chatterbot / "heldout.jsonl")],
-        ], inputs=(export, synth_heldout, chatterbot / "heldout.jsonl"), outputs=(self.out / "scores_export_st.json",))
+            [PY, str(REPO / "launch" / "pipeline.py"), "--answer", str(export), str(asked)],
+        ], inputs=(export, synth_heldout, asked), outputs=(self.out / "scores_export_st.json",))
         self.report()
+
+    def grounded(self, teacher: str, chatterbot_train: Path) -> tuple[Path, Path]:
+        """Queries written for the corpus's passages, relabelled and round-trip filtered by the
+        generator LLM, split into training and held-out pairs by passage."""
+        opts = self.settings
+        corpus = opts.corpus
+        instruction: list[str] = []
+        if corpus is None:  # the chatterbot training answers, and the chatterbot task's instruction
+            from llmembed.data.packaged import INSTRUCTION
+
+            corpus = self.data / "chatterbot_answers.jsonl"
+            self.stage("corpus", [[PY, str(REPO / "launch" / "pipeline.py"), "--answers", str(chatterbot_train),
+                                   str(corpus)]], inputs=(chatterbot_train,), outputs=(corpus,))
+            instruction = ["--instruction", INSTRUCTION]
+        generator = opts.generator if Path(opts.generator).is_dir() else None
+        synth = self.out / "synth"
+        self.stage("synth", [
+            [PY, "-m", "synth.generate", "--out", str(synth), "--corpus", str(corpus), "--backend", opts.synth_backend,
+             "--model", opts.generator, "--query-kinds", *opts.query_kinds, "--queries-per-passage",
+             str(opts.queries_per_passage), *(["--max-passages", str(opts.max_passages)] if opts.max_passages else []),
+             "--temperature", str(opts.synth_temperature), "--max-tokens", "40",
+             "--passage-max-tokens", "128", "--batch-size", "32", "--no-progress", *instruction, *opts.synth_args],
+        ], inputs=(generator, corpus), outputs=(synth / "manifest.json",))
+        relabelled = self.data / "synthetic_relabelled.jsonl"
+        scorer = ["--backend", opts.synth_backend] if opts.synth_backend != "openai" else []
+        self.stage("relabel", [
+            [PY, "-m", "synth.relabel", "--input", str(synth), "--embedder", teacher, "--out", str(relabelled),
+             "--model", opts.generator, *scorer, "--round-trip-k", str(opts.round_trip_k), "--batch-size", "32",
+             *(["--relevance"] if opts.relevance else []), "--no-progress", "--overwrite"],
+        ], inputs=(synth / "manifest.json", teacher, generator), outputs=(relabelled,))
+        train, heldout = self.data / "synthetic_train.jsonl", self.data / "synthetic_heldout.jsonl"
+        if opts.corpus is None:  # the chatterbot held-out split is the test; every synthetic pair trains
+            write_text(heldout, "")
+            return relabelled, heldout
+        self.stage("synth_split", [[PY, str(REPO / "launch" / "pipeline.py"), "--split-synthetic", str(relabelled),
+                                    str(train), str(heldout)]], inputs=(relabelled,), outputs=(train, heldout))
+        return train, heldout
+
+    def invented(self, teacher: str) -> tuple[Path, Path]:
+        """E5-mistral's scheme: the generator invents both sides; text checks and the teacher's
+        score filter both splits (a held-out pair the teacher calls unrelated measures noise)."""
+        opts = self.settings
+        generator = opts.generator if Path(opts.generator).is_dir() else None
+        synth = self.out / "synth"
+        merged = synth / "merged"
+        self.stage("synth", [
+            [PY, "-m", "synth.generate", "--out", str(synth), "--backend", opts.synth_backend, "--model", opts.generator,
+             "--categories", "short_long", "short_short", "--num-tasks", str(opts.synth_tasks),
+             "--examples-per-task", str(opts.synth_examples), "--temperature", str(opts.synth_temperature),
+             "--max-tokens", "256", "--max-field-chars", "400", "--no-progress",
+             *(["--languages", *opts.synth_languages] if opts.synth_languages else []), *opts.synth_args],
+            [PY, "-m", "synth.merge", "--out", str(synth), "--heldout-share", "0.5", "--overwrite"],
+        ], inputs=(generator,), outputs=(merged / "train.jsonl", merged / "heldout.jsonl"))
+        return (self.filter_synthetic(merged / "train.jsonl", "synth_train", teacher),
+                self.filter_synthetic(merged / "heldout.jsonl", "synth_heldout", teacher))
+
+    def mine(self, records: Path, name: str, teacher: str) -> Path:
+        """Hard negatives by the teacher (positive-aware), re-scored by --cross-encoder if given."""
+        opts = self.settings
+        mined = self.data / f"{name}_mined.jsonl"
+        count = sum(1 for line in records.read_text(encoding="utf-8").splitlines() if line.strip())
+        if count <= int(opts.ranks.split(":")[1]):  # too few to mine from each other: used as they are
+            print(f"[pipeline] mine_{name}: {count} records, fewer than the rank window; not mined", flush=True)
+            write_text(mined, records.read_text(encoding="utf-8"))
+            return mined
+        reranker = ["--cross-encoder", opts.cross_encoder] if opts.cross_encoder else []
+        self.stage(f"mine_{name}", [
+            [PY, "-m", "llmembed.mine", "--model", teacher, "--input", str(records), "--out", str(mined), "--ranks",
+             opts.ranks, "--num-negatives", str(opts.num_negatives), "--no-progress", "--overwrite", *reranker],
+        ], inputs=(records, teacher, opts.cross_encoder), outputs=(mined,))
+        return mined
 
     def filter_synthetic(self, source: Path, name: str, teacher: str) -> Path:
         """Cheap text checks, then the teacher's score filter (Conan's: positive under 0.4 dropped)."""
@@ -299,6 +375,32 @@ def sanity_filter(source: Path, target: Path) -> None:
     print(f"sanity filter: kept {len(kept)}, dropped {dict(dropped)}")
 
 
+def answers_corpus(train: Path, target: Path) -> None:
+    """The training pairs' answers as a corpus of passages: no question reaches the generator."""
+    rows = [json.loads(l) for l in train.read_text(encoding="utf-8").splitlines() if l.strip()]
+    write_text(target, "".join(json.dumps({"id": f"answer{n}", "text": r["positive"]}, ensure_ascii=False) + "\n"
+                               for n, r in enumerate(rows)))
+    print(f"{target}: {len(rows)} passages")
+
+
+HELDOUT_PASSAGES = 0.1
+
+
+def split_synthetic(source: Path, train: Path, heldout: Path) -> None:
+    """One passage in ten is held out with every relabelled query whose positive it is, so no
+    held-out positive is ever a training positive."""
+    kept: dict[str, list[str]] = {"train": [], "heldout": []}
+    for line in source.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        passage = json.loads(line)["meta"]["relabel"]["positive_passage_id"]
+        bucket = int(hashlib.sha256(f"heldout:{passage}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        kept["heldout" if bucket < HELDOUT_PASSAGES else "train"].append(line)
+    write_text(train, "".join(l + "\n" for l in kept["train"]))
+    write_text(heldout, "".join(l + "\n" for l in kept["heldout"]))
+    print(f"synthetic pairs: {len(kept['train'])} train, {len(kept['heldout'])} held out")
+
+
 def answer(export: Path, heldout: Path) -> None:
     """Reload the export in plain sentence-transformers and answer one held-out question."""
     from sentence_transformers import SentenceTransformer
@@ -322,6 +424,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int_at_least(1), default=defaults.procs, help="training processes (CPU cores or GPUs)")
     parser.add_argument("--train-config", type=Path, default=defaults.train_config,
                         help="training YAML (default: launch/configs/pipeline.yaml; GPU: pipeline_gpu.yaml)")
+    parser.add_argument("--corpus", type=Path, help='your own documents ({"text"} or {"id", "text"} lines): queries '
+                        "are written for them and they are all the training data (default: the chatterbot answers, "
+                        "beside the real pairs)")
+    parser.add_argument("--queries-per-passage", type=int_at_least(1), default=defaults.queries_per_passage)
+    parser.add_argument("--max-passages", type=int_at_least(1),
+                        help="write queries for a seeded sample of this many passages (every passage stays a candidate)")
+    parser.add_argument("--query-kinds", nargs="+", default=defaults.query_kinds,
+                        help="synth.generate --query-kinds (question keywords claim title)")
+    parser.add_argument("--relevance", action="store_true", help="synth.relabel --relevance (a larger generator)")
+    parser.add_argument("--round-trip-k", type=int_at_least(1), default=defaults.round_trip_k)
+    parser.add_argument("--invent", action="store_true",
+                        help="E5-mistral's scheme instead: the generator invents queries and passages (a strong generator)")
     parser.add_argument("--synth-backend", choices=("transformers", "vllm", "openai"), default=defaults.synth_backend)
     parser.add_argument("--generator", default=defaults.generator, help="synth's --model (default: built-in SmolLM2)")
     parser.add_argument("--synth-tasks", type=int_at_least(1), default=defaults.synth_tasks, help="task definitions per category")
@@ -343,7 +457,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sanity-filter", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--answer", nargs=2, metavar=("EXPORT", "HELDOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--concat", nargs="+", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--answers", nargs=2, metavar=("TRAIN", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--split-synthetic", nargs=3, metavar=("IN", "TRAIN", "HELDOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.corpus is not None and not args.corpus.is_file():
+        parser.error(f"--corpus {args.corpus}: no such file")
+    if args.corpus is not None and args.invent:
+        parser.error("--corpus and --invent: a corpus is for grounded queries; pick one")
     if not args.train_config.is_file():
         parser.error(f"--train-config {args.train_config}: no such file")
     if len(set(args.seeds)) != len(args.seeds):
@@ -353,7 +473,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_of(args: argparse.Namespace) -> PipelineSettings:
     return PipelineSettings(
-        train_config=args.train_config.absolute(), procs=args.procs, synth_backend=args.synth_backend,
+        train_config=args.train_config.absolute(), procs=args.procs,
+        corpus=args.corpus.absolute() if args.corpus else None, queries_per_passage=args.queries_per_passage,
+        max_passages=args.max_passages, query_kinds=args.query_kinds, relevance=args.relevance, round_trip_k=args.round_trip_k, invent=args.invent,
+        synth_backend=args.synth_backend,
         generator=args.generator, synth_tasks=args.synth_tasks, synth_examples=args.synth_examples,
         synth_temperature=args.synth_temperature, synth_languages=args.synth_languages, synth_args=args.synth_arg,
         teacher=args.teacher, cross_encoder=args.cross_encoder, ranks=args.ranks, num_negatives=args.num_negatives,
@@ -374,10 +497,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.answer:
         answer(Path(args.answer[0]), Path(args.answer[1]))
         return 0
+    if args.answers:
+        answers_corpus(Path(args.answers[0]), Path(args.answers[1]))
+        return 0
+    if args.split_synthetic:
+        split_synthetic(*(Path(p) for p in args.split_synthetic))
+        return 0
     settings = settings_of(args)
     out = Path(args.out).absolute()
     try:
-        inputs = [settings.train_config, settings.teacher, settings.cross_encoder,
+        inputs = [settings.train_config, settings.teacher, settings.cross_encoder, settings.corpus,
                   settings.generator if Path(settings.generator).is_dir() else None]
         check_output(out, inputs=inputs, kind=PIPELINE_KIND, continues=True)
     except OutputError as err:

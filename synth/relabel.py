@@ -33,7 +33,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,18 +41,12 @@ from llmembed.argtypes import int_at_least
 from llmembed.data import DataError
 from llmembed.mine import EmbeddingCache, MineReport, build_index
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
-from synth.backends import Backend, BackendError, ScoreRequest, create_backend
+from synth.backends import Backend, BackendError, create_backend
 from synth.grounded import Passage, load_query_kinds, read_passages
+from synth.judge import DEFAULT_LABEL, LIKELIHOOD_CONTEXT, NO, RELEVANCE_CONTEXT, YES, Judge, fused_order
 from synth.pipeline import PASSAGES_FILE
 
 logger = logging.getLogger("synth.relabel")
-# The judge's prompts: the passage first (fixed per passage), the query last.
-LIKELIHOOD_CONTEXT = "Passage: {passage}\n{label}:"
-RELEVANCE_CONTEXT = "Passage: {passage}\nQuery: {query}\nDoes the passage answer the query? Answer Yes or No.\nAnswer:"
-YES, NO = " Yes", " No"
-DEFAULT_LABEL = "Query"
-
-
 @dataclass
 class RelabelSettings:
     candidates: int = 5  # nearest passages under the embedder, besides the seed
@@ -90,50 +84,6 @@ class RelabelReport:
                 "positive_moved": self.positive_moved, "positive_moved_share": round(self.positive_moved / kept, 4),
                 "seed_retrieved": self.seed_retrieved, "pairs_scored": self.pairs_scored,
                 "pairs_from_cache": self.pairs_from_cache}
-
-
-class Judge:
-    """The generator LLM as a judge of (query, passage) pairs, through any scoring backend."""
-
-    def __init__(self, backend: Backend, relevance: bool) -> None:
-        self.backend = backend
-        self.relevance = relevance
-        self.yes = backend.tokenize(YES, special=False)
-        self.no = backend.tokenize(NO, special=False)
-
-    def requests(self, query: str, passage: str, label: str) -> list[ScoreRequest]:
-        tok = self.backend.tokenize
-        out = [ScoreRequest(tok(LIKELIHOOD_CONTEXT.format(passage=passage, label=label), True),
-                            tok(" " + query.strip(), False))]
-        if self.relevance:
-            context = tok(RELEVANCE_CONTEXT.format(passage=passage, query=query.strip()), True)
-            out += [ScoreRequest(context, self.yes), ScoreRequest(context, self.no)]
-        return out
-
-    def score(self, pairs: Sequence[tuple[str, str, str]]) -> np.ndarray:
-        """Rows of (query likelihood, relevance log-odds or 0) for (query, passage, label) pairs."""
-        per = 3 if self.relevance else 1
-        requests = [r for q, p, label in pairs for r in self.requests(q, p, label)]
-        logprobs = self.backend.score(requests)
-        rows = []
-        for n in range(len(pairs)):
-            got = logprobs[n * per : (n + 1) * per]
-            likelihood = float(np.mean(got[0]))
-            relevance = float(sum(got[1]) - sum(got[2])) if self.relevance else 0.0
-            rows.append((likelihood, relevance))
-        return np.asarray(rows, dtype=np.float64).reshape(len(pairs), 2)
-
-
-def fused_order(likelihood: Sequence[float], relevance: Sequence[float] | None, k: int) -> list[int]:
-    """Candidate indices by reciprocal-rank fusion of the two judgements (ties: the earlier
-    candidate, i.e. the seed, first)."""
-    n = len(likelihood)
-    fused = np.zeros(n)
-    for scores in ([likelihood] + ([relevance] if relevance is not None else [])):
-        order = sorted(range(n), key=lambda i: (-scores[i], i))
-        for rank, i in enumerate(order):
-            fused[i] += 1.0 / (k + rank + 1)
-    return sorted(range(n), key=lambda i: (-fused[i], i))
 
 
 def relabel(records: list[dict], passages: list[Passage], encoder, judge: Judge, settings: RelabelSettings,

@@ -71,8 +71,17 @@ def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):
     assert gpu.synth_args == ["--tensor-parallel-size=8"] and gpu.cross_encoder == "/m/reranker"
     assert gpu.train_config.name == "pipeline_gpu.yaml" and gpu.ranks == "10:100" and gpu.seeds == [1]
     assert gpu.merge_scale == 1.0
+    assert cpu.corpus is None and cpu.query_kinds == ["question"] and not cpu.invent and not cpu.relevance
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a passage"}\n')
+    own = pipeline.settings_of(pipeline.parse(["--corpus", str(docs), "--query-kinds", "question", "keywords",
+                                               "--queries-per-passage", "2", "--relevance", "--round-trip-k", "3"]))
+    assert own.corpus == docs and own.query_kinds == ["question", "keywords"] and own.queries_per_passage == 2
+    assert own.relevance and own.round_trip_k == 3
     for bad, named in ((["--train-config", str(tmp_path / "nope.yaml")], "nope.yaml"), (["--procs", "0"], "--procs"),
-                       (["--seeds", "7", "7"], "each seed once"), (["--merge-scale", "0"], "--merge-scale")):
+                       (["--seeds", "7", "7"], "each seed once"), (["--merge-scale", "0"], "--merge-scale"),
+                       (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl"),
+                       (["--corpus", str(docs), "--invent"], "pick one")):
         with pytest.raises(SystemExit):
             pipeline.parse(bad)
         assert named in capsys.readouterr().err
@@ -144,3 +153,26 @@ def test_the_pipeline_evaluates_and_exports_the_last_stages_model(tmp_path):
     staged["stages"] = [{"name": "weak", "loss": {"structure_weight": 0.0}}, {"name": "supervised"}]
     (tmp_path / "staged.yaml").write_text(yaml.safe_dump(staged))
     assert pipeline.final_model_dir(tmp_path / "staged.yaml", out) == tmp_path / "run" / "supervised" / "final"
+
+
+def test_the_synthetic_split_holds_out_whole_passages_and_the_corpus_holds_no_question(tmp_path):
+    pipeline = _pipeline()
+    train = tmp_path / "train.jsonl"
+    pairs = [{"query": f"question {n}?", "positive": f"answer {n}"} for n in range(200)]
+    train.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    corpus = tmp_path / "corpus.jsonl"
+    pipeline.answers_corpus(train, corpus)
+    rows = [json.loads(l) for l in corpus.read_text().splitlines()]
+    assert [r["text"] for r in rows] == [p["positive"] for p in pairs] and "question" not in corpus.read_text()
+    # two queries per passage; a query's positive may have moved to another passage
+    relabelled = [{"query": f"q{n}-{k}", "positive": f"answer {(n + k) % 200}",
+                   "meta": {"relabel": {"positive_passage_id": f"answer{(n + k) % 200}"}}}
+                  for n in range(200) for k in range(2)]
+    source = tmp_path / "relabelled.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in relabelled))
+    fit, held = tmp_path / "fit.jsonl", tmp_path / "held.jsonl"
+    pipeline.split_synthetic(source, fit, held)
+    fit_rows = [json.loads(l) for l in fit.read_text().splitlines()]
+    held_rows = [json.loads(l) for l in held.read_text().splitlines()]
+    assert len(fit_rows) + len(held_rows) == 400 and 10 <= len(held_rows) <= 80
+    assert not {r["positive"] for r in fit_rows} & {r["positive"] for r in held_rows}

@@ -16,7 +16,8 @@ import torch
 
 from synth.grounded import load_query_kinds, parse_query, read_passages
 from synth.parse import ParseError
-from synth.relabel import Judge, RelabelSettings, fused_order, relabel
+from synth.judge import Judge, fused_order
+from synth.relabel import RelabelSettings, relabel
 
 from .processes import kill_tree
 

@@ -107,3 +107,50 @@ def test_openai_backend_against_the_vllm_server_with_retries_and_a_secret_key(tm
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
         server_log.close()
+
+
+SCORE_SCRIPT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from synth.backends import ChatRequest
+from synth.backends.vllm_backend import VLLMBackend
+from synth.judge import Judge
+
+
+def main():
+    backend = VLLMBackend(model={model!r}, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    scores = Judge(backend, relevance=True).score({pairs!r})
+    prompt = "Passage: The sun is a star.\\nQuestion: What is the sun?\\n\\nPassage: Cats purr when content.\\nQuestion:"
+    lines = backend.generate([ChatRequest(None, None, 3, 24, 0.0, 1.0, prompt=prompt, stop=("\\n",))])
+    json.dump({{"scores": scores.tolist(), "line": lines[0].text}}, open({out!r}, "w"))
+
+
+if __name__ == "__main__":  # vLLM may spawn workers that import this file
+    main()
+"""
+
+
+def test_vllm_scores_equal_the_transformers_backend_on_the_same_prompts(tmp_path, default_dir):
+    """Query likelihood and yes/no log-odds through vLLM's prompt log-probabilities equal the
+    transformers backend's forward pass on the same token ids (both float32); a plain few-shot
+    prompt generates one line, cut at the stop string."""
+    from synth.backends import create_backend
+    from synth.judge import Judge
+
+    vllm_python()
+    pairs = [("Which organ produces insulin?", "The pancreas produces insulin.", "Question"),
+             ("Which organ produces insulin?", "Mount Everest is the highest mountain on Earth.", "Question"),
+             ("How many strings does a violin have?", "A violin has four strings and is played with a bow.", "Question"),
+             ("capital of France", "Paris is the capital of France.", "Search keywords")]
+    out = tmp_path / "vllm_scores.json"
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1]), model=str(default_dir),
+                                          pairs=pairs, out=str(out)))
+    run_in_vllm([str(script)], tmp_path)
+    got = json.loads(out.read_text())
+    backend = create_backend("transformers", model=str(default_dir), batch_size=4, constrained=False, dtype="float32")
+    expected = Judge(backend, relevance=True).score(pairs)
+    diff = abs(expected - __import__("numpy").asarray(got["scores"])).max()
+    print(f"\nvLLM vs transformers judge scores: max abs diff {diff:.2e}")
+    assert diff <= 1e-4  # measured 1.5e-05 on the default model
+    assert got["line"].strip() and "\n" not in got["line"]
