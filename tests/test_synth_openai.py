@@ -41,6 +41,7 @@ class Endpoint(ThreadingHTTPServer):
         self.arrivals: list[float] = []
         self.headers: list[dict] = []
         self.bodies: list[dict] = []
+        self.paths: list[str] = []
         self.lock = threading.Lock()
 
     @property
@@ -57,13 +58,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.arrivals.append(time.monotonic())
             self.server.headers.append({k.lower(): v for k, v in self.headers.items()})
             self.server.bodies.append(body)
+            self.server.paths.append(self.path)
             failing = len(self.server.arrivals) <= self.server.failures
             answer = self.server.answers[(len(self.server.arrivals) - 1) % len(self.server.answers)]
-        if self.path != "/v1/chat/completions":
+        if self.path not in ("/v1/chat/completions", "/v1/completions"):
             return self._send(404, {"error": {"message": "not found"}})
         if failing:
             extra = {} if self.server.retry_after_ms is None else {"retry-after-ms": str(self.server.retry_after_ms)}
             return self._send(self.server.fail_status, {"error": {"message": "try again"}}, extra)
+        if self.path == "/v1/completions":  # a plain prompt: the text continues it
+            return self._send(200, {
+                "id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "text": answer, "logprobs": None}],
+                "usage": {"prompt_tokens": 50, "completion_tokens": 6, "total_tokens": 56},
+            })
         assert body["response_format"]["type"] == "json_schema"
         self._send(200, {
             "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -171,3 +179,41 @@ def test_an_unconstrained_answer_is_held_to_the_requested_schema(serve, monkeypa
     [shard] = (tmp_path / "out" / "shards").glob("*.jsonl")
     [record] = [json.loads(line) for line in shard.read_text().splitlines()]
     assert (record["query"], record["positive"], record["negatives"]) == (ANSWER["S1"], ANSWER["S2"], [ANSWER["S3"]])
+
+
+def test_corpus_mode_sends_plain_few_shot_prompts_to_the_completions_endpoint(serve, tmp_path, monkeypatch):
+    """Few-shot prompts go to /v1/completions with the stop string; chat-form ones to chat
+    completions with the task/query schema; both come back as grounded records."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"id": "d1", "text": "Cats purr when they are content."}\n'
+                      '{"id": "d2", "text": "The Nile flows north into the Mediterranean Sea."}\n')
+    server = serve(0, answers=[" Why do cats purr?", " Where does the Nile flow?"])
+    monkeypatch.setenv("SYNTH_UNIT_KEY", SECRET)
+    base = [sys.executable, "-m", "synth.generate", "--backend", "openai", "--base-url", server.base_url, "--model",
+            "served-model", "--api-key-env", "SYNTH_UNIT_KEY", "--corpus", str(corpus), "--query-kinds", "question",
+            "--concurrency", "1", "--no-progress"]
+    run = subprocess.run([*base, "--out", str(tmp_path / "fewshot")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert server.paths == ["/v1/completions"] * 2
+    assert all(b["stop"] == ["\n"] and b["prompt"].endswith("Question:") and "messages" not in b for b in server.bodies)
+    assert {b["prompt"].split("Passage: ")[-1].split("\n")[0] for b in server.bodies} == {
+        "Cats purr when they are content.", "The Nile flows north into the Mediterranean Sea."}
+    records = [json.loads(l) for p in sorted((tmp_path / "fewshot" / "shards").glob("*.jsonl"))
+               for l in p.read_text().splitlines()]
+    assert sorted(r["query"] for r in records) == ["Where does the Nile flow?", "Why do cats purr?"]
+    assert {r["meta"]["passage_id"] for r in records} == {"d1", "d2"}
+
+    chat = serve(0, answers=[json.dumps({"task": "Find facts about animals", "query": "Why do cats purr?"})])
+    run = subprocess.run([*base[:6], chat.base_url, *base[7:], "--prompt-form", "chat", "--out", str(tmp_path / "chat")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert chat.paths == ["/v1/chat/completions"] * 2
+    schema = chat.bodies[0]["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["task", "query"]
+    records = [json.loads(l) for p in sorted((tmp_path / "chat" / "shards").glob("*.jsonl"))
+               for l in p.read_text().splitlines()]
+    # the same query for both passages: the second is a duplicate
+    assert [r["instruction"] for r in records] == ["Find facts about animals"] and len(records) == 1
