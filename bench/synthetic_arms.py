@@ -117,13 +117,19 @@ class Bench:
              "--num-negatives", "3", "--no-progress"], out, self.log)
         return out
 
-    def train(self, data: Path, name: str, extra: list[str] = ()) -> Path:
+    def train(self, data: Path, name: str, teacher_scores: str | None = None) -> Path:
         from launch.pipeline import final_model_dir
 
         run_dir = self.out / f"run-{name}"
         overrides = [f"checkpoint.output_dir={run_dir}", "loss.teacher_model=null", "loss.structure_weight=0",
                      f"train.epochs={self.args.epochs}", "train.seed=42",
-                     f"data.datasets=[{{path: {data}, name: {name}, group_size: 2}}]", *extra]
+                     f"data.datasets=[{{path: {data}, name: {name}, group_size: 2"
+                     + (f", teacher_scores: {teacher_scores}" if teacher_scores else "") + "}]"]
+        if teacher_scores == "llm":
+            # The LLM's scores are mean log-probabilities per query token; over a query of about
+            # ten tokens, temperature 0.1 on the mean is the summed likelihood's own scale, i.e.
+            # the posterior over the candidates under a uniform prior.
+            overrides.append("loss.teacher_temperature=0.1")
         final = final_model_dir(CONFIG, overrides)
         run([PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.args.procs), REPO / "launch" / "train.py",
              "--config", CONFIG, "--resume", "auto", *(a for o in overrides for a in ("--set", o))], final, self.log)
@@ -226,11 +232,10 @@ def ablation(bench: Bench) -> None:
         "+ LLM relabelling": bench.mine(filtered, "relabel-fit"),
         "+ distil the LLM's scores": filtered,
     }
-    distil = ["loss.distill_weight=1.0", "data.datasets[0].teacher_scores=llm"]
     rows = {}
     for name, data in variants.items():
         tag = name.strip("+ ").split()[0]
-        model = bench.train(data, f"abl-{tag}", distil if "distil" in name else [])
+        model = bench.train(data, f"abl-{tag}", "llm" if "distil" in name else None)
         report = scores_of(bench.evaluate(model, f"abl-{tag}", suite=False, data=dev))
         rows[name] = next(v for k, v in report.items() if "untrained" not in k)
     nofilter = json.loads((bench.out / "relabelled-fit-nofilter.jsonl.stats.json").read_text())

@@ -90,10 +90,11 @@ class PipelineSettings:
     cross_encoder: str | None = None
     ranks: str = "3:30"
     num_negatives: int = 3
-    # Train once per seed and average the models. On issue 10's dev split the average of two
-    # seeds scored at or above the mean of its inputs on every task (English dev nDCG@10
-    # 0.6082 -> 0.6409 at 5 epochs); one seed halves the training time.
-    seeds: list[int] = field(default_factory=lambda: [42, 7])
+    # Train once per seed and average the models (a model soup). On the CPU recipe's dev split
+    # (chatterbot training pairs) two seeds averaged scored English dev nDCG@10 0.6409 against
+    # 0.6082 for their mean; the synthetic pairs make each run about 60% longer, so the CPU
+    # default trains one seed to stay within 45 minutes (--seeds 42 7 for the soup).
+    seeds: list[int] = field(default_factory=lambda: [42])
     # Task arithmetic's scaling of the merged change (llmembed.merge --scale). On issue 10's dev
     # split, 1.25 raised English dev nDCG@10 for the two-seed merge (0.6409 -> 0.6578), the
     # three-seed merge (0.6482 -> 0.6560) and single seeds (0.6508 -> 0.6704, 0.5656 -> 0.5782);
@@ -450,7 +451,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ranks", default=defaults.ranks, help="mining rank window START:END")
     parser.add_argument("--num-negatives", type=int_at_least(1), default=defaults.num_negatives)
     parser.add_argument("--seeds", nargs="+", type=int_at_least(0), default=defaults.seeds,
-                        help="train once per seed; several are merged into one model (default: 42 7)")
+                        help="train once per seed; several are merged into one model (default: 42)")
     parser.add_argument("--merge-scale", type=float_in(0.0, low_open=True), default=defaults.merge_scale,
                         help="scale of the merged model's change from the pretrained backbone (llmembed.merge "
                              f"--scale; default {defaults.merge_scale:g}; 1 with one seed skips the merge)")

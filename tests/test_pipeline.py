@@ -61,7 +61,7 @@ def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):
     pipeline = _pipeline()
     cpu = pipeline.settings_of(pipeline.parse([]))
     assert cpu == pipeline.PipelineSettings() and cpu.synth_languages == ["English"] and cpu.cross_encoder is None
-    assert cpu.seeds == [42, 7] and cpu.merge_scale == 1.25
+    assert cpu.seeds == [42] and cpu.merge_scale == 1.25
     gpu = pipeline.settings_of(pipeline.parse([
         "--procs", "8", "--train-config", str(REPO / "launch" / "configs" / "pipeline_gpu.yaml"),
         "--synth-backend", "vllm", "--generator", "Qwen/Qwen2.5-7B-Instruct", "--synth-arg=--tensor-parallel-size=8",
