@@ -245,7 +245,8 @@ def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
     from llmembed.encoders import folder_fingerprint
     from synth.backends.base import model_path
 
-    weights = folder_fingerprint(Path(model_path(args.model)))
+    path = Path(model_path(args.model))
+    weights = folder_fingerprint(path) if path.is_dir() else str(path)  # a hub id: its name
     return json.dumps({"weights": weights, "backend": args.backend, "dtype": args.dtype, "relevance": args.relevance,
                        "prompts": [LIKELIHOOD_CONTEXT, RELEVANCE_CONTEXT, YES, NO]}, sort_keys=True)
 
