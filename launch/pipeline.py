@@ -114,6 +114,9 @@ class Pipeline:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.times: dict[str, float] = {}
+        # The training processes' rendezvous port, one per output folder: two pipelines on one
+        # machine do not both take DeepSpeed's default, and a rerun keeps its command unchanged.
+        self.port = 29500 + 1 + int(hashlib.sha256(str(out).encode()).hexdigest()[:8], 16) % 2000
 
     def stage(self, name: str, commands: list[list[str]], inputs: tuple[Path | str | None, ...] = (),
               outputs: tuple[Path, ...] = ()) -> None:
@@ -174,7 +177,7 @@ class Pipeline:
             overrides = [f"checkpoint.output_dir={self.out / f'run-{key}-seed{seed}'}", f"loss.teacher_model={teacher}",
                          f"train.seed={seed}", f"data.datasets=[{{path: {mixed}, name: mixed, group_size: 2}}]"]
             self.stage(f"train_seed{seed}", [[PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.procs),
-                                              str(REPO / "launch" / "train.py"), "--config", str(config), "--resume",
+                                              "--master_port", str(self.port), str(REPO / "launch" / "train.py"), "--config", str(config), "--resume",
                                               "auto", *(arg for o in overrides for arg in ("--set", o))]],
                        inputs=(config, mixed, teacher), outputs=(final_model_dir(config, overrides),))
             finals.append(final_model_dir(config, overrides))
