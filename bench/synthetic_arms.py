@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from train_throughput import save_plot, write_table  # noqa: E402
 PY = sys.executable
 RESULTS = REPO / "bench" / "results"
 CONFIG = REPO / "launch" / "configs" / "pipeline.yaml"
@@ -193,12 +195,9 @@ def write_arms(rows: dict[str, dict[str, float]], counts: dict[str, int], stats:
               f"Relabelling: {stats['queries_out']} of {stats['queries_in']} kept by the round trip "
               f"({stats['dropped']}); positive moved off the seed answer for {stats['positive_moved']} "
               f"({stats['positive_moved_share']:.1%} of kept).", ""]
-    (RESULTS / "synthetic_arms.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = write_table(RESULTS / "synthetic_arms.md", lines)
+    if plt is None:
+        return
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -209,8 +208,7 @@ def write_arms(rows: dict[str, dict[str, float]], counts: dict[str, int], stats:
     ax.set_ylabel("main score (nDCG@10, Spearman, accuracy)")
     ax.legend()
     ax.set_title("Default model trained on synthetic, real or both pairs")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "synthetic_arms.png", dpi=120)
+    save_plot(fig, RESULTS / "synthetic_arms.md")
 
 
 def ablation(bench: Bench) -> None:
@@ -254,8 +252,7 @@ def ablation(bench: Bench) -> None:
     lines += ["", f"Round trip (seed within the judge's top {bench.args.round_trip_k}) kept {kept['queries_out']} of "
               f"{kept['queries_in']} queries ({kept['kept_share']:.1%}). Every model: the main job's recipe without its "
               f"teacher, {bench.args.epochs} epochs of its own data, seed 42; one run each (no seed noise measured).", ""]
-    (RESULTS / "synthetic_ablation.md").write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    write_table(RESULTS / "synthetic_ablation.md", lines)
 
 
 def main() -> int:
