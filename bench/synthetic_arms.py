@@ -96,9 +96,10 @@ class Bench:
         write_jsonl(self.out / "corpus_fit.jsonl", [{"id": f"a{n}", "text": r["positive"]} for n, r in enumerate(fit)])
         return folder / "train.jsonl", self.out / "fit.jsonl", self.out / "dev.jsonl"
 
-    def generate(self, corpus: Path, name: str) -> Path:
+    def generate(self, corpus: Path, name: str, queries_per_passage: int = 1) -> Path:
         out = self.out / f"synth-{name}"
         run([PY, "-m", "synth.generate", "--out", out, "--corpus", corpus, "--query-kinds", "question",
+             "--queries-per-passage", str(queries_per_passage),
              "--instruction", INSTRUCTION, "--temperature", "0.7", "--max-tokens", "40", "--batch-size", "32",
              "--passage-max-tokens", "128", "--seed", "0", "--no-progress"], out / "manifest.json", self.log)
         manifest = json.loads((out / "manifest.json").read_text())
@@ -153,60 +154,96 @@ def scores_of(report: dict) -> dict[str, dict[str, float]]:
     return {row: {task: main_score(s) for task, s in tasks.items()} for row, tasks in report["scores"].items()}
 
 
+def per_passage_tag(queries_per_passage: int) -> str:
+    """Output names of a run with several queries per passage differ, so no step reuses another's files."""
+    return "" if queries_per_passage == 1 else f"-q{queries_per_passage}"
+
+
+ARMS = ("synthetic", "real", "both")
+LABELS = {"synthetic": "synthetic only", "real": "real pairs only", "both": "both"}
+
+
 def arms(bench: Bench) -> None:
     train, _, _ = bench.data()
-    synth = bench.generate(bench.out / "corpus_all.jsonl", "all")
-    relabelled = bench.relabel(synth, "all", bench.args.round_trip_k)
-    synthetic = bench.mine(relabelled, "synthetic")
+    per_passage = bench.args.queries_per_passage
+    tag = per_passage_tag(per_passage)
+    synth = bench.generate(bench.out / "corpus_all.jsonl", f"all{tag}", per_passage)
+    relabelled = bench.relabel(synth, f"all{tag}", bench.args.round_trip_k)
+    synthetic = bench.mine(relabelled, f"synthetic{tag}")
     real = bench.mine(train, "real")
-    both = bench.out / "both.jsonl"
+    both = bench.out / f"both{tag}.jsonl"
     if not both.exists():
         write_jsonl(both, read_jsonl(real) + read_jsonl(synthetic))
-    rows: dict[str, dict[str, float]] = {}
-    counts = {"synthetic only": len(read_jsonl(synthetic)), "real pairs only": len(read_jsonl(real)),
-              "both": len(read_jsonl(both))}
     for name, data in (("synthetic", synthetic), ("real", real), ("both", both)):
-        model = bench.train(data, name)
-        report = scores_of(bench.evaluate(model, name, suite=True, baseline=name == "synthetic"))
-        for row, tasks in report.items():
-            label = {"synthetic": "synthetic only", "real": "real pairs only", "both": "both"}[name]
-            rows["untrained" if "untrained" in row or "baseline" in row else label] = tasks
-    stats = json.loads((bench.out / "relabelled-all.jsonl.stats.json").read_text())
-    manifest = json.loads((synth / "manifest.json").read_text())["totals"]
-    write_arms(rows, counts, stats, manifest, bench.args)
+        if name in bench.args.arms:
+            run_name = name if name == "real" else f"{name}{tag}"
+            bench.evaluate(bench.train(data, run_name), run_name, suite=True, baseline=name == "synthetic")
+    write_arms(bench.out, bench.args)
 
 
-def write_arms(rows: dict[str, dict[str, float]], counts: dict[str, int], stats: dict, manifest: dict,
-               args: argparse.Namespace) -> None:
+def arm_rows(out: Path) -> tuple[dict[str, dict[str, float]], dict[str, int], list[int]]:
+    """Every arm scored in ``out`` so far, under one label per arm and generation setting."""
+    rows: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    settings = sorted({1} | {int(p.name.split("-q")[1].split(".")[0]) for p in out.glob("scores-*-q*.json")})
+    for per_passage in settings:
+        tag = per_passage_tag(per_passage)
+        for name in ARMS:
+            scores = out / f"scores-{name}{'' if name == 'real' else tag}.json"
+            if not scores.exists() or (name == "real" and per_passage != 1):
+                continue
+            label = LABELS[name] if name == "real" else f"{LABELS[name]} ({per_passage} per answer)"
+            data = out / ("mined-real.jsonl" if name == "real" else
+                          f"mined-synthetic{tag}.jsonl" if name == "synthetic" else f"both{tag}.jsonl")
+            for row, tasks in scores_of(json.loads(scores.read_text())).items():
+                if "untrained" in row:
+                    rows["untrained"] = tasks
+                else:
+                    rows[label] = tasks
+                    counts[label] = len(read_jsonl(data))
+    return rows, counts, settings
+
+
+def write_arms(out: Path, args: argparse.Namespace) -> None:
+    rows, counts, settings = arm_rows(out)
+    if not rows:
+        return
+    rows = {"untrained": rows.pop("untrained"), **rows} if "untrained" in rows else rows
     tasks = list(next(iter(rows.values())))
-    order = [r for r in ("untrained", "synthetic only", "real pairs only", "both") if r in rows]
     lines = ["# Synthetic data, side by side (chatterbot English held-out and the rest of the offline suite)", "",
-             "Command: `.venv/bin/python bench/synthetic_arms.py --out runs/arms` "
+             "Command: `.venv/bin/python bench/synthetic_arms.py --out runs/arms [--queries-per-passage N]` "
              f"(epochs {args.epochs}, {args.procs} processes, seed 42, round-trip k {args.round_trip_k}; "
-             "2-core CPU, default model).", "",
+             "2-core CPU, default model). \"(N per answer)\": the generator wrote N questions per training answer "
+             "before relabelling and the round trip.", "",
              "| arm | training pairs | " + " | ".join(tasks) + " | average |",
              "|---|---:|" + "---:|" * (len(tasks) + 1)]
-    for row in order:
-        values = [rows[row][t] for t in tasks]
+    for row, scores in rows.items():
+        values = [scores[t] for t in tasks]
         lines.append(f"| {row} | {counts.get(row, 0)} | " + " | ".join(f"{v:.4f}" for v in values)
                      + f" | {sum(values) / len(values):.4f} |")
-    lines += ["", f"Generation: {manifest['generated']} queries written for {manifest['generated']} training answers, "
-              f"{manifest['accepted']} passed the text checks ({manifest['rejected_by_reason']}).",
-              f"Relabelling: {stats['queries_out']} of {stats['queries_in']} kept by the round trip "
-              f"({stats['dropped']}); positive moved off the seed answer for {stats['positive_moved']} "
-              f"({stats['positive_moved_share']:.1%} of kept).", ""]
+    lines.append("")
+    for per_passage in settings:
+        tag = per_passage_tag(per_passage)
+        synth = out / f"synth-all{tag}"
+        manifest = json.loads((synth / "manifest.json").read_text())["totals"]
+        stats = json.loads((out / f"relabelled-all{tag}.jsonl.stats.json").read_text())
+        lines += [f"{per_passage} per answer: the generator wrote {manifest['generated']} questions for "
+                  f"{len(read_jsonl(synth / 'passages.jsonl'))} training answers, {manifest['accepted']} passed the "
+                  f"text checks ({manifest['rejected_by_reason']}); the round trip kept {stats['queries_out']} of "
+                  f"{stats['queries_in']} ({stats['dropped']}); the positive moved off the seed answer for "
+                  f"{stats['positive_moved']} ({stats['positive_moved_share']:.1%} of kept).", ""]
     plt = write_table(RESULTS / "synthetic_arms.md", lines)
     if plt is None:
         return
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(order)
-    for n, row in enumerate(order):
-        ax.bar(np.arange(len(tasks)) + n * width, [rows[row][t] for t in tasks], width, label=row)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(rows)
+    for n, (row, scores) in enumerate(rows.items()):
+        ax.bar(np.arange(len(tasks)) + n * width, [scores[t] for t in tasks], width, label=row)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [t.replace("Retrieval", "") for t in tasks])
     ax.set_ylabel("main score (nDCG@10, Spearman, accuracy)")
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.set_title("Default model trained on synthetic, real or both pairs")
     save_plot(fig, RESULTS / "synthetic_arms.md")
 
@@ -218,7 +255,6 @@ def ablation(bench: Bench) -> None:
     generated = bench.out / "generated-fit.jsonl"
     if not generated.exists():
         write_jsonl(generated, [r for p in sorted((synth / "shards").glob("*.jsonl")) for r in read_jsonl(p)])
-    no_filter = bench.relabel(synth, "fit-nofilter", round_trip_k=10_000)
     filtered = bench.relabel(synth, "fit", round_trip_k=bench.args.round_trip_k)
     # Round trip without relabelling: the kept queries with their seed passage as the positive.
     seed_only = bench.out / "roundtrip-seed-fit.jsonl"
@@ -226,32 +262,41 @@ def ablation(bench: Bench) -> None:
         by_query = {r["query"]: r for r in read_jsonl(generated)}
         write_jsonl(seed_only, [{**r, "positive": by_query[r["query"]]["positive"], "negatives": []}
                                 for r in read_jsonl(filtered)])
+    # name: (training data, run tag, teacher scores, relabelling stats)
     variants = {
-        "generation only": bench.mine(generated, "gen-fit"),
-        "+ round-trip filter": bench.mine(seed_only, "roundtrip-fit"),
-        "+ LLM relabelling": bench.mine(filtered, "relabel-fit"),
-        "+ distil the LLM's scores": filtered,
-        "LLM relabelling without the round trip": bench.mine(no_filter, "relabel-nofilter-fit"),
+        "generation only": (bench.mine(generated, "gen-fit"), "generation", None, None),
+        "+ round-trip filter": (bench.mine(seed_only, "roundtrip-fit"), "round-trip", None, None),
+        "+ LLM relabelling": (bench.mine(filtered, "relabel-fit"), "LLM", None, filtered),
+        "+ distil the LLM's scores": (filtered, "distil", "llm", None),
     }
+    per_passage = bench.args.queries_per_passage
+    if per_passage > 1:
+        tag = per_passage_tag(per_passage)
+        more = bench.relabel(bench.generate(bench.out / "corpus_fit.jsonl", f"fit{tag}", per_passage), f"fit{tag}",
+                             round_trip_k=bench.args.round_trip_k)
+        variants[f"+ LLM relabelling, {per_passage} queries per answer"] = (
+            bench.mine(more, f"relabel-fit{tag}"), f"LLM{tag}", None, more)
     rows = {}
-    for name, data in variants.items():
-        tag = "nofilter" if "without" in name else name.strip("+ ").split()[0]
-        model = bench.train(data, f"abl-{tag}", "llm" if "distil" in name else None)
+    for name, (data, tag, teacher, _) in variants.items():
+        model = bench.train(data, f"abl-{tag}", teacher)
         report = scores_of(bench.evaluate(model, f"abl-{tag}", suite=False, data=dev))
         rows[name] = next(v for k, v in report.items() if "untrained" not in k)
-    nofilter = json.loads((bench.out / "relabelled-fit-nofilter.jsonl.stats.json").read_text())
     kept = json.loads((bench.out / "relabelled-fit.jsonl.stats.json").read_text())
     lines = ["# Synthetic-only recipe, step by step (chatterbot English dev split, nDCG@10)", "",
-             "Command: `.venv/bin/python bench/synthetic_arms.py --out runs/arms --ablation`; dev split: one in five "
-             "chatterbot training questions (its answers are not in the generation corpus).", "",
-             "| step | dev nDCG@10 | records | positive moved |", "|---|---:|---:|---:|"]
-    for name, data in variants.items():
-        moved = {"+ LLM relabelling": f"{kept['positive_moved_share']:.1%}",
-                 "LLM relabelling without the round trip": f"{nofilter['positive_moved_share']:.1%}"}.get(name, "")
-        lines.append(f"| {name} | {next(iter(rows[name].values())):.4f} | {len(read_jsonl(data))} | {moved} |")
-    lines += ["", f"Round trip (seed within the judge's top {bench.args.round_trip_k}) kept {kept['queries_out']} of "
-              f"{kept['queries_in']} queries ({kept['kept_share']:.1%}). Every model: the main job's recipe without its "
-              f"teacher, {bench.args.epochs} epochs of its own data, seed 42; one run each (no seed noise measured).", ""]
+             "Command: `.venv/bin/python bench/synthetic_arms.py --out runs/arms --ablation"
+             + (f" --queries-per-passage {per_passage}" if per_passage > 1 else "")
+             + "`; dev split: one in five chatterbot training questions (its answers are not in the generation "
+             "corpus).", "",
+             "| step | dev nDCG@10 | records | kept by the round trip | positive moved |", "|---|---:|---:|---:|---:|"]
+    for name, (data, _, _, relabelled) in variants.items():
+        stats = json.loads(Path(f"{relabelled}.stats.json").read_text()) if relabelled else None
+        kept_cell = f"{stats['queries_out']} of {stats['queries_in']}" if stats else ""
+        moved = f"{stats['positive_moved_share']:.1%}" if stats else ""
+        lines.append(f"| {name} | {next(iter(rows[name].values())):.4f} | {len(read_jsonl(data))} | {kept_cell} "
+                     f"| {moved} |")
+    lines += ["", f"Round trip: a query stays when its seed answer is within the judge's top {bench.args.round_trip_k} "
+              f"(the first relabelling kept {kept['kept_share']:.1%}). Every model: the main job's recipe without its "
+              f"teacher, {bench.args.epochs} epochs of its own data, seed 42; one run each.", ""]
     write_table(RESULTS / "synthetic_ablation.md", lines)
 
 
@@ -261,7 +306,11 @@ def main() -> int:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--round-trip-k", type=int, default=2)
+    p.add_argument("--queries-per-passage", type=int, default=1,
+                   help="queries the generator writes per training answer (arms; with --ablation, an extra row)")
     p.add_argument("--master-port", type=int, default=29611, help="the training processes' rendezvous port")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="which arms to train now (the table lists every arm scored in --out)")
     p.add_argument("--ablation", action="store_true", help="the recipe's steps on the dev split instead of the arms")
     args = p.parse_args()
     bench = Bench(args)
