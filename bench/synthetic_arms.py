@@ -1,6 +1,7 @@
 """What the synthetic data adds: four arms trained side by side on the same recipe, scored on the suite.
 
     .venv/bin/python bench/synthetic_arms.py --out runs/arms             # the arms (test split)
+    .venv/bin/python bench/synthetic_arms.py --out runs/arms --queries-per-passage 3 --arms synthetic
     .venv/bin/python bench/synthetic_arms.py --out runs/arms --ablation  # the recipe's steps (dev split)
 
 Arms (``--arms``): the untrained default; **synthetic only** (queries the default generator wrote
@@ -10,7 +11,9 @@ retrieves the candidates the LLM judges and mines hard negatives); **real pairs 
 chatterbot training pairs); **both**. Every arm trains the main job's recipe (bidirectional
 SmolLM2-135M, mean pooling, LoRA r16) without its teacher, for ``--epochs`` epochs of its own
 data, one seed, on ``--procs`` DeepSpeed processes; hard negatives are mined the same way for
-every arm. Results: ``bench/results/synthetic_arms.md`` and ``.png``.
+every arm. ``--queries-per-passage N`` has the generator write N questions per answer (its files
+are named apart); the table lists every arm scored in ``--out`` so far. Results:
+``bench/results/synthetic_arms.md`` and ``.png``.
 
 Ablation (``--ablation``): synthetic-only models built step by step (generation only; + the
 round-trip filter; + LLM relabelling; + distillation of the LLM's query-likelihood scores),
