@@ -123,12 +123,14 @@ class Bench:
              "--num-negatives", "3", "--no-progress"], out, self.log)
         return out
 
-    def train(self, data: Path, name: str, teacher_scores: str | None = None) -> Path:
+    def train(self, data: Path, name: str, teacher_scores: str | None = None,
+              recipe: tuple[str, ...] = ("loss.teacher_model=null", "loss.structure_weight=0"), seed: int = 42) -> Path:
+        """Train the main job's config on ``data``; ``recipe``: overrides of it (default: no teacher)."""
         from launch.pipeline import final_model_dir
 
         run_dir = self.out / f"run-{name}"
-        overrides = [f"checkpoint.output_dir={run_dir}", "loss.teacher_model=null", "loss.structure_weight=0",
-                     f"train.epochs={self.args.epochs}", "train.seed=42",
+        overrides = [f"checkpoint.output_dir={run_dir}", f"train.epochs={self.args.epochs}", f"train.seed={seed}",
+                     *recipe,
                      f"data.datasets=[{{path: {data}, name: {name}, group_size: 2"
                      + (f", teacher_scores: {teacher_scores}" if teacher_scores else "") + "}]"]
         if teacher_scores == "llm":

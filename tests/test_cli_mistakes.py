@@ -1,4 +1,4 @@
-"""Ordinary mistakes through every command line (issue 8): each is one line naming the input
+"""Ordinary mistakes through every command line: each is one line naming the input
 and exit status 2, never a traceback, and no file that existed before is changed or lost.
 
 Every case runs the real entry point in a fresh process, as a user would. The workspace

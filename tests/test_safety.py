@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 8, first part): destructive export paths are
+"""Nothing lost, nothing silently wrong: destructive export paths are
 refused before anything is touched, misspelt record keys and non-finite settings are named,
 and a one-record dataset cannot hang the collator."""
 

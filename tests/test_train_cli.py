@@ -207,7 +207,7 @@ def test_mntp_then_simcse_stages_adapt_a_bidirectional_model_and_causal_mntp_is_
     launch(config, launcher="python")
     losses = [m["loss"] for m in metrics(tmp_path / "run" / "mntp")]
     # ln(49152) = 10.8 at first; through a frozen random output layer the tiny model learns
-    # slowly (about -0.15 in 10 steps here, seeded); the real SmolLM2 is measured in issue 10's note.
+    # slowly (about -0.15 in 10 steps here, seeded).
     assert len(losses) == 10 and losses[0] > 5 and sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
     assert len(metrics(tmp_path / "run" / "simcse")) == 2
     assert (tmp_path / "run" / "simcse" / "final").is_dir()

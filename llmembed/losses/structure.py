@@ -9,9 +9,8 @@ all-MiniLM-L6-v2) runs frozen on the raw texts of each batch, without instructio
 
 The matrices are each rank's own (local queries x local passages), unlike InfoNCE's gathered
 negatives, so the loss depends on how a global batch is split over processes. Gathering the
-passages of every rank was measured and is worse: on issue 10's dev split (2 processes x batch
-8, bidirectional, KL x 3, seeds 42 and 7) English nDCG@10 fell from 0.5945 to 0.5698 and
-Chinese from 0.2516 to 0.2237.
+passages of every rank was tried on the CPU recipe's dev split and scored lower in both
+languages at two seeds (bench/results/cpu_recipe.md).
 
 ``kind="kl"`` matches each query's distribution over all the batch's passages instead
 (listwise, RocketQAv2-style distillation over in-batch candidates, arXiv 2110.07367): only
