@@ -88,9 +88,10 @@ class MineReport:
 
 
 class EmbeddingCache:
-    """Embeddings of one text list under one model, stored as ``chunk-NNNNN.npy`` files in a
-    folder named by the fingerprint of both. Each chunk is written atomically once; a rerun
-    loads the finished chunks and encodes only the missing ones."""
+    """Vectors of one text list under one model, stored as ``chunk-NNNNN.npy`` files in a folder
+    named by the fingerprint of both. Each chunk is written atomically once; a rerun loads the
+    finished chunks and encodes only the missing ones. ``encoded`` and ``from_cache`` count the
+    texts of each kind."""
 
     def __init__(self, root: Path | None, model_fingerprint: str, role: str, texts: Sequence[str],
                  chunk_size: int) -> None:
@@ -102,8 +103,10 @@ class EmbeddingCache:
         self.folder = root / f"{role}-{self.key[:24]}" if root is not None else None
         self.texts = list(texts)
         self.chunk_size = chunk_size
+        self.encoded = 0
+        self.from_cache = 0
 
-    def embeddings(self, encode: Callable[[list[str]], np.ndarray], report: MineReport) -> np.ndarray:
+    def embeddings(self, encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         parts = []
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -117,10 +120,10 @@ class EmbeddingCache:
                     chunk = None  # a damaged chunk is encoded again
                 if chunk is not None and chunk.shape[0] == len(texts):
                     parts.append(chunk)
-                    report.from_cache += len(texts)
+                    self.from_cache += len(texts)
                     continue
             chunk = np.asarray(encode(texts), dtype=np.float32)
-            report.encoded += len(texts)
+            self.encoded += len(texts)
             if path is not None:
                 with staged_file(path, "wb") as handle:
                     np.save(handle, chunk, allow_pickle=False)
@@ -177,36 +180,81 @@ def read_corpus(path: str | Path) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+@dataclass
+class Candidates:
+    """What the embedding search found for each record: the lowest score of its positives and
+    its rank window (``(passage, score)`` in search order, own positives and query set aside)."""
+
+    positive_scores: list[float]
+    windows: list[list[tuple[str, float]]]
+
+
+@dataclass
+class Judged:
+    """One record's candidates under the judge that picks negatives: the positive's score and the
+    window as ``(passage, embedding score, judge score)`` in the judge's order. Without a
+    cross-encoder the judge is the embedding itself."""
+
+    positive_score: float
+    window: list[tuple[str, float, float]]
+
+
 def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
          cache_dir: Path | None = None, progress: bool = False, reranker=None) -> tuple[list[Record], MineReport]:
-    """Mined copies of ``records`` and the counts (see the module docstring). With a
-    ``reranker`` (:class:`llmembed.encoders.PairScorer`) the rank window's candidates and the
-    positives are re-scored by it, negatives are taken in its order, and the positive-aware rule
-    and ``min_positive_score`` read its scores instead of the embedding's."""
+    """Mined copies of ``records`` and the counts (see the module docstring): candidates from
+    the embedding search, judged (by ``reranker``, a :class:`llmembed.encoders.PairScorer`, when
+    given: negatives then come in its order, and the positive-aware rule and
+    ``min_positive_score`` read its scores), then selected."""
     report = MineReport(records_in=len(records))
+    candidates = find_candidates(records, corpus, encoder, settings, cache_dir, progress, report)
+    judged = (rerank(records, candidates, reranker, progress, cache_dir, settings.chunk_size, report)
+              if reranker is not None else
+              [Judged(p, [(t, s, s) for t, s in w]) for p, w in zip(candidates.positive_scores, candidates.windows)])
+    mined: list[Record] = []
+    for record, embedding_positive, judgement in zip(records, candidates.positive_scores, judged):
+        chosen = select_negatives(record, judgement, settings, report)
+        if chosen is None:
+            continue
+        negatives, negative_scores, judge_scores = chosen
+        mining: dict[str, Any] = {"model": encoder.name, "positive_score": embedding_positive,
+                                  "negative_scores": negative_scores}
+        if reranker is not None:
+            mining.update(reranker=reranker.name, reranker_positive_score=judgement.positive_score,
+                          reranker_negative_scores=judge_scores)
+        mined.append(Record(record.query, list(record.positives), negatives, record.instruction, record.task,
+                            record.score, {**record.meta, "mining": mining}))
+        report.negatives_written += len(negatives)
+    report.records_out = len(mined)
+    return mined, report
+
+
+def find_candidates(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
+                    cache_dir: Path | None, progress: bool, report: MineReport) -> Candidates:
+    """Encode (through the cache), search the corpus, and cut each record's rank window."""
     corpus = list(dict.fromkeys(corpus))
     if len(corpus) < settings.rank_end:
         raise ValueError(f"the corpus has {len(corpus)} passages, fewer than the rank window's end "
                          f"({settings.rank_end}); give a larger corpus or a smaller --ranks")
     instructions = [r.instruction if r.instruction is not None else settings.instruction for r in records]
-    queries = [r.query for r in records]
-    query_keys = [json.dumps([i, q], ensure_ascii=False) for i, q in zip(instructions, queries)]
+    query_keys = [json.dumps([i, r.query], ensure_ascii=False) for i, r in zip(instructions, records)]
     corpus_row = {text: n for n, text in enumerate(corpus)}
     # Positives outside the corpus (a separate --corpus) are encoded on their own.
     positives = [p for p in dict.fromkeys(p for r in records for p in r.positives) if p not in corpus_row]
 
     def cached(role: str, keys: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        return EmbeddingCache(cache_dir, encoder.fingerprint, role, keys, settings.chunk_size).embeddings(encode, report)
-
-    corpus_vectors = cached("corpus", corpus, lambda t: encoder.encode_passages(t, progress))
-    positive_vectors = cached("positives", positives, lambda t: encoder.encode_passages(t, progress))
-    row_of_key = {k: i for i, k in enumerate(query_keys)}
-    unique_keys = list(row_of_key)
+        cache = EmbeddingCache(cache_dir, encoder.fingerprint, role, keys, settings.chunk_size)
+        vectors = cache.embeddings(encode)
+        report.encoded += cache.encoded
+        report.from_cache += cache.from_cache
+        return vectors
 
     def encode_queries(keys: list[str]) -> np.ndarray:
         pairs = [json.loads(k) for k in keys]
         return encoder.encode_queries([q for _, q in pairs], [i for i, _ in pairs], progress)
 
+    corpus_vectors = cached("corpus", corpus, lambda t: encoder.encode_passages(t, progress))
+    positive_vectors = cached("positives", positives, lambda t: encoder.encode_passages(t, progress))
+    unique_keys = list(dict.fromkeys(query_keys))
     query_vectors = cached("queries", unique_keys, encode_queries)
     query_row = {k: n for n, k in enumerate(unique_keys)}
     positive_row = {p: n for n, p in enumerate(positives)}
@@ -216,14 +264,15 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
 
     index = build_index(corpus_vectors, settings.index)
     extra = max(len(r.positives) for r in records) + 1 if records else 1
-    depth = min(len(corpus), settings.rank_end + extra)
-    scores, ids = index.search(query_vectors, depth)
-
+    scores, ids = index.search(query_vectors, min(len(corpus), settings.rank_end + extra))
+    positive_scores: list[float] = []
     windows: list[list[tuple[str, float]]] = []
     for record, key in zip(records, query_keys):
+        row = query_row[key]
+        positive_scores.append(min(float(query_vectors[row] @ positive_vector(p)) for p in record.positives))
         own = set(record.positives) | {record.query}
         ranked = []
-        for score, idx in zip(scores[query_row[key]], ids[query_row[key]]):
+        for score, idx in zip(scores[row], ids[row]):
             if idx < 0:
                 continue
             if corpus[idx] in own:
@@ -231,69 +280,57 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
                 continue
             ranked.append((corpus[idx], float(score)))
         windows.append(ranked[settings.rank_start : settings.rank_end])
-    rerank_scores = (_rerank(records, windows, reranker, progress, cache_dir, settings.chunk_size, report)
-                     if reranker is not None else None)
-
-    mined: list[Record] = []
-    for number, (record, key) in enumerate(zip(records, query_keys)):
-        q = query_vectors[query_row[key]]
-        positive_score = min(float(q @ positive_vector(p)) for p in record.positives)
-        window = [(text, score, score) for text, score in windows[number]]  # (text, embedding, judge)
-        judge_positive = positive_score
-        if rerank_scores is not None:
-            judge_positive, judged = rerank_scores[number]
-            window = sorted(((t, s, j) for (t, s), j in zip(windows[number], judged)), key=lambda c: -c[2])
-        if settings.min_positive_score is not None and judge_positive < settings.min_positive_score:
-            report.dropped_records["positive_below_min_score"] += 1
-            continue
-        negatives, negative_scores, judge_scores = [], [], []
-        for text, score, judge in window:
-            if len(negatives) == settings.num_negatives:
-                break
-            if settings.positive_ratio is not None and judge > settings.positive_ratio * judge_positive:
-                report.dropped_candidates["above_positive_ratio"] += 1
-                continue
-            negatives.append(text)
-            negative_scores.append(score)
-            judge_scores.append(judge)
-        if len(negatives) < settings.num_negatives:
-            report.records_short_of_negatives += 1
-        mining: dict[str, Any] = {"model": encoder.name, "positive_score": positive_score}
-        if settings.keep_existing_negatives:
-            kept = [n for n in record.negatives if n not in negatives]
-            negatives = kept + negatives
-            negative_scores, judge_scores = [None] * len(kept) + negative_scores, [None] * len(kept) + judge_scores
-        mining["negative_scores"] = negative_scores
-        if rerank_scores is not None:
-            mining.update(reranker=reranker.name, reranker_positive_score=judge_positive,
-                          reranker_negative_scores=judge_scores)
-        meta = dict(record.meta)
-        meta["mining"] = mining
-        mined.append(Record(record.query, list(record.positives), negatives, record.instruction, record.task,
-                            record.score, meta))
-        report.negatives_written += len(negatives)
-    report.records_out = len(mined)
-    return mined, report
+    return Candidates(positive_scores, windows)
 
 
-def _rerank(records: Sequence[Record], windows: list[list[tuple[str, float]]], reranker, progress: bool,
-            cache_dir: Path | None, chunk_size: int, report: MineReport) -> list[tuple[float, list[float]]]:
-    """Each record's lowest positive score and its window's scores under ``reranker``, from one
-    batched pass over the distinct (query, passage) pairs, cached like the embeddings (by the
-    reranker's fingerprint and the pairs), so a rerun scores nothing twice."""
+def rerank(records: Sequence[Record], candidates: Candidates, reranker, progress: bool, cache_dir: Path | None,
+           chunk_size: int, report: MineReport) -> list[Judged]:
+    """Each record's lowest positive score and its window under ``reranker``, from one batched
+    pass over the distinct (query, passage) pairs, cached like the embeddings (by the reranker's
+    fingerprint and the pairs), so a rerun scores nothing twice; the window in the reranker's order."""
     pairs: dict[tuple[str, str], int] = {}
-    for record, window in zip(records, windows):
+    for record, window in zip(records, candidates.windows):
         for text in [*record.positives, *(t for t, _ in window)]:
             pairs.setdefault((record.query, text), len(pairs))
     keys = [json.dumps(pair, ensure_ascii=False) for pair in pairs]
-    counts = MineReport()
     cache = EmbeddingCache(cache_dir, reranker.fingerprint, "rerank", keys, chunk_size)
-    values = cache.embeddings(lambda chunk: reranker.score([tuple(json.loads(k)) for k in chunk], progress)[:, None],
-                              counts)[:, 0]
-    report.pairs_scored += counts.encoded
-    report.pairs_from_cache += counts.from_cache
-    return [(min(float(values[pairs[(r.query, p)]]) for p in r.positives),
-             [float(values[pairs[(r.query, t)]]) for t, _ in window]) for r, window in zip(records, windows)]
+    values = cache.embeddings(
+        lambda chunk: reranker.score([tuple(json.loads(k)) for k in chunk], progress)[:, None])[:, 0]
+    report.pairs_scored += cache.encoded
+    report.pairs_from_cache += cache.from_cache
+    judged = []
+    for record, window in zip(records, candidates.windows):
+        scored = [(t, s, float(values[pairs[(record.query, t)]])) for t, s in window]
+        judged.append(Judged(min(float(values[pairs[(record.query, p)]]) for p in record.positives),
+                             sorted(scored, key=lambda c: -c[2])))
+    return judged
+
+
+def select_negatives(record: Record, judged: Judged, settings: MineSettings,
+                     report: MineReport) -> tuple[list[str], list[float | None], list[float | None]] | None:
+    """The record's negatives with their embedding and judge scores, or None when the judge scores
+    its positive below ``min_positive_score``. Candidates above ``positive_ratio`` of the
+    positive's judge score are set aside as likely unlabelled positives."""
+    if settings.min_positive_score is not None and judged.positive_score < settings.min_positive_score:
+        report.dropped_records["positive_below_min_score"] += 1
+        return None
+    negatives, negative_scores, judge_scores = [], [], []
+    for text, score, judge in judged.window:
+        if len(negatives) == settings.num_negatives:
+            break
+        if settings.positive_ratio is not None and judge > settings.positive_ratio * judged.positive_score:
+            report.dropped_candidates["above_positive_ratio"] += 1
+            continue
+        negatives.append(text)
+        negative_scores.append(score)
+        judge_scores.append(judge)
+    if len(negatives) < settings.num_negatives:
+        report.records_short_of_negatives += 1
+    if settings.keep_existing_negatives:
+        kept = [n for n in record.negatives if n not in negatives]
+        negatives = kept + negatives
+        negative_scores, judge_scores = [None] * len(kept) + negative_scores, [None] * len(kept) + judge_scores
+    return negatives, negative_scores, judge_scores
 
 
 def _ranks(text: str) -> tuple[int, int]:

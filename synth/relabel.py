@@ -39,7 +39,7 @@ import numpy as np
 
 from llmembed.argtypes import int_at_least
 from llmembed.data import DataError
-from llmembed.mine import EmbeddingCache, MineReport, build_index
+from llmembed.mine import EmbeddingCache, build_index
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
 from synth.backends import Backend, BackendError, create_backend
 from synth.grounded import Passage, load_query_kinds, read_passages
@@ -95,9 +95,8 @@ def relabel(records: list[dict], passages: list[Passage], encoder, judge: Judge,
     by_id = {p.id: n for n, p in enumerate(passages)}
     texts = [p.text for p in passages]
     labels = labels or {}
-    counts = MineReport()
     passage_vectors = EmbeddingCache(cache_dir, encoder.fingerprint, "passages", texts, 4096).embeddings(
-        lambda t: encoder.encode_passages(t, progress), counts)
+        lambda t: encoder.encode_passages(t, progress))
     keys = [json.dumps([r.get("instruction"), r["query"]], ensure_ascii=False) for r in records]
     unique = list(dict.fromkeys(keys))
 
@@ -106,7 +105,7 @@ def relabel(records: list[dict], passages: list[Passage], encoder, judge: Judge,
         return encoder.encode_queries([q for _, q in pairs], [i for i, _ in pairs], progress)
 
     query_vectors = EmbeddingCache(cache_dir, encoder.fingerprint, "queries", unique, 4096).embeddings(
-        encode_queries, counts)
+        encode_queries)
     row = {k: n for n, k in enumerate(unique)}
     depth = min(len(passages), settings.candidates + 1)
     _, ids = build_index(passage_vectors, "flat").search(query_vectors, depth)
@@ -141,10 +140,9 @@ def relabel(records: list[dict], passages: list[Passage], encoder, judge: Judge,
         return scores
 
     cache = EmbeddingCache(cache_dir, judge_fingerprint, "judge", pair_keys, settings.chunk_size)
-    pair_counts = MineReport()
-    scores = cache.embeddings(judge_chunk, pair_counts)
+    scores = cache.embeddings(judge_chunk)
     bar.close()
-    report.pairs_scored, report.pairs_from_cache = pair_counts.encoded, pair_counts.from_cache
+    report.pairs_scored, report.pairs_from_cache = cache.encoded, cache.from_cache
 
     out: list[dict] = []
     for record, cands in zip(records, candidates):
