@@ -38,7 +38,8 @@ from llmembed.backbone import dtype_name, set_bidirectional
 from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel, model_inputs
 from llmembed.outputs import Kind, check_output, staged_folder
-from llmembed.remote_code import LATENT_MODULE_TYPE
+from llmembed.verify import verify as run_verify
+from llmembed.verify import vllm_interpreter
 from llmembed.serving import SERVING_FILE, ServingContract
 
 logger = logging.getLogger("llmembed.export")
@@ -69,8 +70,6 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
     out = check_output(out_dir, inputs=model_inputs(model_dir), kind=EXPORT_KIND, overwrite=overwrite)
     vllm_python = vllm_python or os.environ.get("LLMEMBED_VLLM_PYTHON")
     if verify and vllm_python:
-        from llmembed.verify import vllm_interpreter
-
         vllm_interpreter(vllm_python)
     # Merge in fp32 so the LoRA product is added at full precision, then cast.
     model = EmbeddingModel.load(model_dir, trust_remote_code=trust_remote_code, dtype="float32",
@@ -151,8 +150,6 @@ def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: 
     (out / "README.md").write_text(model_card(name, contract, dtype))
     if not verify:
         return None
-    from llmembed.verify import verify as run_verify
-
     report = run_verify(out, vllm_python=vllm_python, reference=model)
     report.export_dir = out.parent / name
     print(report.table())
@@ -178,17 +175,6 @@ def serving_tokenizer(tokenizer, contract: ServingContract):
         tok.add_bos_token = adds_bos
         tok.add_eos_token = True
     return tok
-
-
-def pooling_weights_dir(export_dir: str | Path) -> Path | None:
-    """The folder holding the latent-attention head's weights in an export, if it has one."""
-    modules_file = Path(export_dir) / "modules.json"
-    if not modules_file.is_file():
-        return None
-    for module in json.loads(modules_file.read_text()):
-        if module.get("type") == LATENT_MODULE_TYPE:
-            return Path(export_dir) / module["path"]
-    return None
 
 
 def _drop_chat_template(out: Path) -> None:

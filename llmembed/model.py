@@ -47,6 +47,7 @@ from llmembed.prompts import PromptConfig
 from llmembed.remote_code import check_no_remote_code
 from llmembed.resolve import missing_tokenizer_files, missing_weight_files
 from llmembed.serving import SERVING_FILE, ServingContract
+from llmembed.st_layout import pooling_weights_dir
 from llmembed.tokenization import EmbeddingTokenizer, Instructions
 
 logger = logging.getLogger(__name__)
@@ -261,8 +262,6 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def _load_export(cls, folder: Path, trainable: bool, trust_remote_code: bool,
                      overrides: dict[str, Any]) -> "EmbeddingModel":
-        from llmembed.export import pooling_weights_dir
-
         contract = ServingContract.load(folder)
         backbone_config = replace(BackboneConfig(str(folder), bidirectional=not contract.is_causal,
                                                  trust_remote_code=trust_remote_code), **overrides)

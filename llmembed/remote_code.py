@@ -13,7 +13,8 @@ reranker, merge inputs, the folder verify checks) is read whole before anything 
   listed in :data:`OUR_MODULE_TYPES`, at paths inside the folder.
 
 A folder that breaks either rule is refused in one line, unless the user passed
-``--trust-remote-code`` (``trust_remote_code=True``). Standard library only.
+``--trust-remote-code`` (``trust_remote_code=True``). Standard library only (and the layout
+facts of :mod:`llmembed.st_layout`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmembed.st_layout import LATENT_MODULE_TYPE
+
 # Our own sentence-transformers modules: they are imported from the installed llmembed, never
 # from the folder, so they are as safe as sentence-transformers' own.
-LATENT_MODULE_TYPE = "llmembed.st_modules.LatentAttentionPooling"
 OUR_MODULE_TYPES = (LATENT_MODULE_TYPE,)
 _ST_PREFIX = "sentence_transformers."
 

@@ -21,17 +21,33 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
 from llmembed.config import ConfigError, from_dict
 from llmembed.pooling import PoolingConfig
 from llmembed.prompts import PromptConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from llmembed.model import EmbeddingModelConfig
 
 SERVING_FILE = "llmembed_serving.json"
 FORMAT_VERSION = 1
+
+
+class _BackboneChoices(Protocol):
+    bidirectional: bool
+
+
+class ModelChoices(Protocol):
+    """What the contract reads from a model config (``llmembed.model.EmbeddingModelConfig``
+    satisfies it): the contract sits below the model, so it names the fields, not the class."""
+
+    pooling: PoolingConfig
+    prompts: PromptConfig
+    normalize: bool
+    output_dim: int | None
+    matryoshka_dims: Sequence[int] | None
+    append_eos: bool | None
+    max_length: int
+    backbone: _BackboneChoices
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ class ServingContract:
             raise ValueError(f"matryoshka_dims must be distinct widths >= 1, got {self.matryoshka_dims}")
 
     @classmethod
-    def from_config(cls, config: "EmbeddingModelConfig") -> "ServingContract":
+    def from_config(cls, config: "ModelChoices") -> "ServingContract":
         """Resolve a model config's choices (``append_eos: null`` means "for last-token
         pooling") into the facts every path uses."""
         last_token = config.pooling.kind == "last_token"

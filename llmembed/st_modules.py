@@ -18,7 +18,8 @@ from sentence_transformers.base.modules import Module
 
 from llmembed.pooling import LatentAttentionPooling as _LatentHead
 from llmembed.pooling import PoolingConfig
-from llmembed.remote_code import LATENT_MODULE_TYPE, check_no_remote_code
+from llmembed.remote_code import check_no_remote_code
+from llmembed.st_layout import LATENT_MODULE_TYPE
 
 
 class LatentAttentionPooling(Module):

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llmembed.model import EmbeddingModel
 from llmembed.outputs import Kind, any_json_with, check_output, write_text
+from llmembed.remote_code import check_no_remote_code
 from llmembed.serving import ServingContract
 
 FP32_MIN_COS = 0.9999
@@ -364,10 +366,6 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
            vllm_timeout: float = 600) -> VerifyReport:
     """Embed the probe set through every available path and compare with ``reference`` (an
     :class:`EmbeddingModel`; by default the export loaded by llmembed in fp32)."""
-    from llmembed.model import EmbeddingModel
-
-    from llmembed.remote_code import check_no_remote_code
-
     export_dir = Path(export_dir)
     if vllm_python:
         vllm_interpreter(vllm_python)
