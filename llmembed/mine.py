@@ -39,6 +39,7 @@ import numpy as np
 
 from llmembed.argtypes import float_in, int_at_least
 from llmembed.data import DataError, Record, read_jsonl
+from llmembed.data.schema import parse_record
 from llmembed.model import model_inputs
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
 
@@ -170,8 +171,6 @@ def read_corpus(path: str | Path) -> list[str]:
                     raise DataError(f"{path}:{number}: field 'text': expected a non-empty string")
                 texts.append(item["text"])
                 continue
-            from llmembed.data.schema import parse_record
-
             try:
                 record = parse_record(item)
             except DataError as err:
