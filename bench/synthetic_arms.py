@@ -77,7 +77,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from llmembed.encoders import reference_model_dir
+        from llmembed.serve.encoders import reference_model_dir
 
         self.args = args
         self.out = Path(args.out).resolve()

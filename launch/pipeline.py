@@ -31,7 +31,7 @@ writes to ``<out>/run-<fingerprint of config and data>``: an edited config train
    scale 1 skips it.
 4. ``evaluate``: the offline suite plus the synthetic held-out split, for the reference
    (all-MiniLM-L6-v2), the untrained configuration and the trained model.
-5. ``export`` (checked by ``llmembed.verify``), then the export scored again through
+5. ``export`` (checked by ``llmembed.serve.verify``), then the export scored again through
    sentence-transformers, and one query answered by the reloaded export.
 
 ``--train-config launch/configs/pipeline_gpu.yaml`` with ``--synth-backend vllm`` and a 7B
@@ -147,7 +147,7 @@ class Pipeline:
                                       indent=2))
 
     def run(self) -> None:
-        from llmembed.encoders import reference_model_dir
+        from llmembed.serve.encoders import reference_model_dir
 
         opts = self.settings
         teacher = opts.teacher or str(reference_model_dir())
@@ -193,7 +193,7 @@ class Pipeline:
         export = self.out / "export"
         vllm = [f"--vllm-python={REPO / '.venv-vllm' / 'bin' / 'python'}"] if (REPO / ".venv-vllm" / "bin" /
                                                                                "python").is_file() else []
-        self.stage("export", [[PY, "-m", "llmembed.export", "--model", str(final), "--out", str(export),
+        self.stage("export", [[PY, "-m", "llmembed.serve.export", "--model", str(final), "--out", str(export),
                                "--overwrite", *vllm]], inputs=(final,), outputs=(export,))
         # Answer one question the model never saw: a held-out chatterbot question, or with your
         # own corpus a synthetic held-out query.
@@ -321,9 +321,9 @@ def final_model_dir(config: Path, overrides: list[str]) -> Path:
 
 def fingerprint(*paths: Path) -> str:
     """sha256 over the files' contents; a folder counts as its files (names and contents, large
-    weight files by their ends: :func:`llmembed.encoders.folder_fingerprint`), a missing path as
+    weight files by their ends: :func:`llmembed.serve.encoders.folder_fingerprint`), a missing path as
     empty."""
-    from llmembed.encoders import folder_fingerprint
+    from llmembed.serve.encoders import folder_fingerprint
 
     digest = hashlib.sha256()
     for path in paths:

@@ -4,7 +4,7 @@
 #   2. DeepSpeed ZeRO-2 + LoRA training of SmolLM2-135M-Instruct    -> runs/quickstart/run
 #   3. held-out retrieval scores, untrained vs trained
 #   4. merged export for sentence-transformers and vLLM              -> runs/quickstart/export
-#      checked by llmembed.verify (real vLLM too when .venv-vllm exists: setup_env.sh --with-vllm)
+#      checked by llmembed.serve.verify (real vLLM too when .venv-vllm exists: setup_env.sh --with-vllm)
 # Rerunning continues from the last checkpoint (--resume auto). Extra arguments go to
 # launch/train.py, e.g. --set train.max_steps=10.
 set -euo pipefail
@@ -18,5 +18,5 @@ $PY -m llmembed.evaluate --model runs/quickstart/run/final --data runs/quickstar
     --json runs/quickstart/scores.json --overwrite
 VLLM=()
 if [ -x .venv-vllm/bin/python ]; then VLLM=(--vllm-python .venv-vllm/bin/python); fi
-$PY -m llmembed.export --model runs/quickstart/run/final --out runs/quickstart/export --overwrite "${VLLM[@]}"
+$PY -m llmembed.serve.export --model runs/quickstart/run/final --out runs/quickstart/export --overwrite "${VLLM[@]}"
 echo "done: model runs/quickstart/run/final, export runs/quickstart/export, scores runs/quickstart/scores.json"

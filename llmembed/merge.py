@@ -22,7 +22,7 @@ since a merged model serves one way.
   Tensors the base has not (a latent-attention head) are averaged without scaling.
 
 The output is a model folder like the trainer's (full backbone, no adapter), which
-``llmembed.export``, ``llmembed.evaluate`` and ``llmembed.verify`` (after export) take.
+``llmembed.serve.export``, ``llmembed.evaluate`` and ``llmembed.serve.verify`` (after export) take.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ class Judged:
 def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
          cache_dir: Path | None = None, progress: bool = False, reranker=None) -> tuple[list[Record], MineReport]:
     """Mined copies of ``records`` and the counts (see the module docstring): candidates from
-    the embedding search, judged (by ``reranker``, a :class:`llmembed.encoders.PairScorer`, when
+    the embedding search, judged (by ``reranker``, a :class:`llmembed.serve.encoders.PairScorer`, when
     given: negatives then come in its order, and the positive-aware rule and
     ``min_positive_score`` read its scores), then selected."""
     report = MineReport(records_in=len(records))
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llmembed.encoders import EncoderError, load_cross_encoder, load_encoder
+    from llmembed.serve.encoders import EncoderError, load_cross_encoder, load_encoder
 
     out = Path(args.out)
     try:

@@ -14,7 +14,7 @@ A saved model folder holds::
     tokenizer/             the tokenizer as used in training
     pooling/               pooling head weights (latent attention only)
 
-:meth:`EmbeddingModel.load` also reads an export of :mod:`llmembed.export` (merged weights,
+:meth:`EmbeddingModel.load` also reads an export of :mod:`llmembed.serve.export` (merged weights,
 the same ``llmembed_serving.json``), so ``encode`` can be compared with every server.
 """
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 # The import path sentence-transformers records in modules.json for our latent-attention head.
-LATENT_MODULE_TYPE = "llmembed.st_modules.LatentAttentionPooling"
+LATENT_MODULE_TYPE = "llmembed.serve.st_modules.LatentAttentionPooling"
 
 
 def pooling_weights_dir(export_dir: str | Path) -> Path | None:

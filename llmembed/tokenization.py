@@ -2,7 +2,7 @@
 
 One job: given texts (and, for queries, an instruction), produce ``input_ids``,
 ``attention_mask`` and ``prompt_lengths`` by the rules of a :class:`ServingContract`. The
-training collator, :meth:`EmbeddingModel.encode`, the export's checks and ``llmembed.verify``
+training collator, :meth:`EmbeddingModel.encode`, the export's checks and ``llmembed.serve.verify``
 all go through :class:`EmbeddingTokenizer`, so the tokens a model was trained on are the
 tokens it is served with.
 

@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
     """What the judge's scores depend on: the LLM's weights, the backend and its dtype, the prompts."""
-    from llmembed.encoders import folder_fingerprint
+    from llmembed.serve.encoders import folder_fingerprint
     from synth.backends.base import model_path
 
     path = Path(model_path(args.model))
@@ -252,7 +252,7 @@ def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llmembed.encoders import EncoderError, load_encoder
+    from llmembed.serve.encoders import EncoderError, load_encoder
 
     out = Path(args.out)
     try:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmembed.encoders import reference_model_dir
-from llmembed.export import export
+from llmembed.serve.encoders import reference_model_dir
+from llmembed.serve.export import export
 
 from .test_export import trained_model
 from .train_utils import REPO, write_pairs
@@ -28,9 +28,9 @@ from .train_utils import REPO, write_pairs
 pytestmark = pytest.mark.integration
 
 TRAIN = [str(REPO / "launch" / "train.py")]
-EXPORT = ["-m", "llmembed.export"]
+EXPORT = ["-m", "llmembed.serve.export"]
 EVALUATE = ["-m", "llmembed.evaluate"]
-VERIFY = ["-m", "llmembed.verify"]
+VERIFY = ["-m", "llmembed.serve.verify"]
 SYNTH = ["-m", "synth.generate"]
 PACKAGED = ["-m", "llmembed.data.packaged"]
 MINE = ["-m", "llmembed.mine"]

@@ -252,7 +252,7 @@ def test_the_llm_judges_scores_are_read_from_meta_relabel():
 def test_an_embedding_teacher_adds_its_cosines_of_the_raw_texts(text_tokenizer):
     import numpy as np
 
-    from llmembed.encoders import load_encoder, reference_model_dir
+    from llmembed.serve.encoders import load_encoder, reference_model_dir
 
     teacher = load_encoder(reference_model_dir())
     records = [Record("how do plants eat", ["By photosynthesis."], ["Cats sleep a lot."]),

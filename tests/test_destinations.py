@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmembed.export import export
+from llmembed.serve.export import export
 
 from .test_export import trained_model
 from .train_utils import REPO, write_pairs
@@ -85,15 +85,15 @@ CASES = [
     ("train-user-folder", "script", TRAIN + ["checkpoint.output_dir={ws}/notes"], "is not a training run folder"),
     ("train-user-file", "script", TRAIN + ["checkpoint.output_dir={ws}/notes/keep.txt"], "is a file"),
     ("train-link-to-input", "script", TRAIN + ["checkpoint.output_dir={ws}/link-to-pairs"], IS),
-    ("export-is-model", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/model", "--overwrite"], IS),
-    ("export-holds-model", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}", "--overwrite"], HOLDS),
-    ("export-inside-model", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/model/e"], INSIDE),
-    ("export-inside-backbone", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/backbone/e"], INSIDE),
-    ("export-user-folder", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/notes", "--overwrite"],
+    ("export-is-model", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/model", "--overwrite"], IS),
+    ("export-holds-model", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}", "--overwrite"], HOLDS),
+    ("export-inside-model", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/model/e"], INSIDE),
+    ("export-inside-backbone", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/backbone/e"], INSIDE),
+    ("export-user-folder", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/notes", "--overwrite"],
      "is not an llmembed export"),
-    ("export-user-file", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/notes/keep.txt", "--overwrite"],
+    ("export-user-file", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/notes/keep.txt", "--overwrite"],
      "is a file"),
-    ("export-link-to-model", "llmembed.export", ["--model", "{ws}/model", "--out", "{ws}/link-to-model",
+    ("export-link-to-model", "llmembed.serve.export", ["--model", "{ws}/model", "--out", "{ws}/link-to-model",
                                                  "--overwrite"], IS),
     ("merge-is-input", "llmembed.merge", MERGE + ["{ws}/model", "--overwrite"], IS),
     ("merge-holds-input", "llmembed.merge", MERGE + ["{ws}", "--overwrite"], HOLDS),
@@ -118,13 +118,13 @@ CASES = [
      "is not a score report"),
     ("evaluate-user-folder", "llmembed.evaluate.__main__", EVALUATE + ["{ws}/notes"], "is a folder"),
     ("evaluate-link-to-input", "llmembed.evaluate.__main__", EVALUATE + ["{ws}/link-to-pairs", "--overwrite"], IS),
-    ("verify-inside-export", "llmembed.verify", ["{ws}/export", "--json", "{ws}/export/config.json", "--overwrite"],
+    ("verify-inside-export", "llmembed.serve.verify", ["{ws}/export", "--json", "{ws}/export/config.json", "--overwrite"],
      INSIDE),
-    ("verify-is-export", "llmembed.verify", ["{ws}/export", "--json", "{ws}/export"], IS),
-    ("verify-holds-export", "llmembed.verify", ["{ws}/export", "--json", "{ws}"], HOLDS),
-    ("verify-user-file", "llmembed.verify", ["{ws}/export", "--json", "{ws}/notes/keep.txt", "--overwrite"],
+    ("verify-is-export", "llmembed.serve.verify", ["{ws}/export", "--json", "{ws}/export"], IS),
+    ("verify-holds-export", "llmembed.serve.verify", ["{ws}/export", "--json", "{ws}"], HOLDS),
+    ("verify-user-file", "llmembed.serve.verify", ["{ws}/export", "--json", "{ws}/notes/keep.txt", "--overwrite"],
      "is not a report"),
-    ("verify-link-to-export", "llmembed.verify", ["{ws}/export", "--json", "{ws}/link-to-export"], IS),
+    ("verify-link-to-export", "llmembed.serve.verify", ["{ws}/export", "--json", "{ws}/link-to-export"], IS),
     ("synth-is-input", "synth.generate", ["--decontaminate", "{ws}/notes/keep.txt", "--out", "{ws}/notes/keep.txt"],
      IS),
     ("synth-holds-input", "synth.generate", ["--tasks-file", "{ws}/tasks/tasks.json", "--out", "{ws}/tasks"], HOLDS),
@@ -176,6 +176,6 @@ def test_a_bad_destination_is_refused_and_nothing_is_touched(ws, capsys, name, r
 
 def test_every_writing_command_is_in_the_matrix():
     commands = {c[1] if c[1] != "script" else Path(c[2][0]).stem for c in CASES}
-    assert commands == {"train", "pipeline", "llmembed.export", "llmembed.merge", "llmembed.mine",
-                        "llmembed.evaluate.__main__", "llmembed.verify", "synth.generate", "synth.merge",
+    assert commands == {"train", "pipeline", "llmembed.serve.export", "llmembed.merge", "llmembed.mine",
+                        "llmembed.evaluate.__main__", "llmembed.serve.verify", "synth.generate", "synth.merge",
                         "llmembed.data.packaged"}

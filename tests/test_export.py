@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
-from llmembed.export import export
+from llmembed.serve.export import export
 from llmembed.outputs import OutputError
 
 from .conftest import perturb_trained_weights
@@ -69,7 +69,7 @@ def test_sentence_transformers_matches_our_encode(tiny_llama_dir, tmp_path, kind
         with pytest.raises(ValueError, match="trust_remote_code"):
             SentenceTransformer(str(out), device="cpu")
         st = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
-        assert type(st[1]).__module__ == "llmembed.st_modules"
+        assert type(st[1]).__module__ == "llmembed.serve.st_modules"
     else:
         st = SentenceTransformer(str(out), device="cpu")
     assert st.max_seq_length == MAX_LENGTH
@@ -183,12 +183,12 @@ def test_bf16_export_and_refusal_to_overwrite(tiny_llama_dir, tmp_path):
 def test_cli(tiny_llama_dir, tmp_path):
     model = trained_model(tiny_llama_dir, "mean", False)
     model.save(tmp_path / "trained")
-    run = subprocess.run([sys.executable, "-m", "llmembed.export", "--model", str(tmp_path / "trained"),
+    run = subprocess.run([sys.executable, "-m", "llmembed.serve.export", "--model", str(tmp_path / "trained"),
                           "--out", str(tmp_path / "export"), "--instruction", "Find it"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     prompts = json.loads((tmp_path / "export" / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts["query"] == "Instruct: Find it\nQuery: "
-    bad = subprocess.run([sys.executable, "-m", "llmembed.export", "--model", str(tmp_path / "nothing"),
+    bad = subprocess.run([sys.executable, "-m", "llmembed.serve.export", "--model", str(tmp_path / "nothing"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "llmembed_config.json" in bad.stderr and "Traceback" not in bad.stderr

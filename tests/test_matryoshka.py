@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
-from llmembed.export import export
+from llmembed.serve.export import export
 
 from .conftest import perturb_trained_weights
 
@@ -62,7 +62,7 @@ def test_export_tells_sentence_transformers_and_vllm_the_widths(trained, tmp_pat
 
 
 def test_evaluate_dim_scores_prefixes_under_their_own_name(trained, tmp_path):
-    from llmembed.encoders import EncoderError, load_encoder
+    from llmembed.serve.encoders import EncoderError, load_encoder
 
     encoder = load_encoder(trained)
     cut = encoder.truncated(16)
@@ -76,7 +76,7 @@ def test_evaluate_dim_scores_prefixes_under_their_own_name(trained, tmp_path):
 
 
 def test_a_width_sweep_encodes_each_text_once_and_scores_every_width(trained, tmp_path, capsys):
-    from llmembed.encoders import load_encoder
+    from llmembed.serve.encoders import load_encoder
     from llmembed.evaluate.__main__ import main
 
     full, cut = load_encoder(trained).widths([None, 16])

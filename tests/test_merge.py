@@ -101,7 +101,7 @@ def test_scale_walks_the_merged_change_from_the_pretrained_backbone(runs, tiny_l
 
 
 def test_scale_refuses_an_export_which_has_no_base(runs, tmp_path):
-    from llmembed.export import export
+    from llmembed.serve.export import export
 
     exported = export(runs[0], tmp_path / "export", verify=False)
     with pytest.raises(MergeError, match="export names itself as its backbone"):
@@ -112,7 +112,7 @@ def test_scale_refuses_an_export_which_has_no_base(runs, tmp_path):
 
 
 def test_a_merged_model_exports_and_passes_verify(runs, tmp_path):
-    from llmembed.export import export
+    from llmembed.serve.export import export
 
     merged = merge(runs, tmp_path / "m", "slerp", [0.5, 0.5])
     out = export(merged, tmp_path / "export")  # raises if verify finds a mismatch
@@ -165,7 +165,7 @@ def test_evaluate_shows_the_untrained_configuration_of_a_merged_folder_but_not_o
     import json
 
     from llmembed.evaluate.__main__ import main
-    from llmembed.export import export
+    from llmembed.serve.export import export
 
     merged = merge(runs, tmp_path / "merged")
     exported = export(merged, tmp_path / "export")

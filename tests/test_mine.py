@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmembed.data import Record
-from llmembed.encoders import load_encoder, reference_model_dir
+from llmembed.serve.encoders import load_encoder, reference_model_dir
 from llmembed.mine import MineSettings, mine
 
 QUERY = "How do I reset my router password?"
@@ -179,7 +179,7 @@ def cross_encoder(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from llmembed.encoders import load_cross_encoder
+    from llmembed.serve.encoders import load_cross_encoder
 
     folder = tmp_path_factory.mktemp("reranker")
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_cross_encoder_rescoring_orders_and_filters_by_the_reranker(encoder, cro
 
 
 def test_cross_encoder_bad_folders_are_one_line_errors(tmp_path):
-    from llmembed.encoders import EncoderError, load_cross_encoder
+    from llmembed.serve.encoders import EncoderError, load_cross_encoder
 
     with pytest.raises(EncoderError, match="no such cross-encoder folder"):
         load_cross_encoder(tmp_path / "missing")

@@ -71,7 +71,7 @@ def backend(default_dir):
 
 @pytest.fixture(scope="module")
 def embedder():
-    from llmembed.encoders import load_encoder, reference_model_dir
+    from llmembed.serve.encoders import load_encoder, reference_model_dir
 
     return load_encoder(reference_model_dir())
 
@@ -141,7 +141,7 @@ def _synth_folder(tmp_path: Path) -> Path:
 
 
 def test_a_killed_relabelling_reruns_to_the_same_output(tmp_path, default_dir):
-    from llmembed.encoders import reference_model_dir
+    from llmembed.serve.encoders import reference_model_dir
 
     synth = _synth_folder(tmp_path)
     whole = tmp_path / "whole.jsonl"

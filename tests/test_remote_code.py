@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from llmembed.export import export
+from llmembed.serve.export import export
 from llmembed.model import EmbeddingModel
 from llmembed.remote_code import RemoteCodeError, remote_code_requests
 
@@ -54,7 +54,7 @@ def craft(clean, root, variant: str):
         (sub / name).write_text(json.dumps(_with_auto_map(json.loads((sub / name).read_text()), "evil_code")))
         modules[0]["path"] = "evil"
         # An llmembed module is what made verify switch remote code on by itself.
-        modules[1]["type"] = "llmembed.st_modules.LatentAttentionPooling"
+        modules[1]["type"] = "llmembed.serve.st_modules.LatentAttentionPooling"
     elif variant == "own-module-class":
         (folder / "evil_code.py").write_text(code + "class Evil:\n    pass\n")
         modules[1]["type"] = "evil_code.Evil"
@@ -84,7 +84,7 @@ def test_no_loading_command_runs_the_code(clean_export, tmp_path, variant, capsy
     from llmembed.evaluate.__main__ import main as evaluate_main
     from llmembed.merge import MergeError, merge
     from llmembed.mine import main as mine_main
-    from llmembed.verify import main as verify_main
+    from llmembed.serve.verify import main as verify_main
 
     folder, marker = craft(clean_export, tmp_path, variant)
     write_pairs(tmp_path / "pairs.jsonl", 8)

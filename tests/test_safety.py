@@ -12,7 +12,7 @@ from llmembed.config import ConfigError
 from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
 from llmembed.data.schema import Record
-from llmembed.export import export
+from llmembed.serve.export import export
 from llmembed.outputs import OutputError
 from llmembed.model import EmbeddingModel
 from llmembed.train.config import load_config
@@ -186,7 +186,7 @@ def test_a_folder_cannot_switch_on_remote_code_for_itself(trained, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="auto_map.*trust_remote_code=True"):
         EmbeddingModel.load(folder)
-    run = subprocess.run([sys.executable, "-m", "llmembed.export", "--model", str(folder), "--out",
+    run = subprocess.run([sys.executable, "-m", "llmembed.serve.export", "--model", str(folder), "--out",
                           str(tmp_path / "export")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "--trust-remote-code" in run.stderr and "Traceback" not in run.stderr
     assert not marker.exists() and not (tmp_path / "export").exists()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from llmembed.encoders import load_encoder, reference_model_dir
+from llmembed.serve.encoders import load_encoder, reference_model_dir
 from llmembed.evaluate import runner
 from llmembed.evaluate.suite import SUITE, build_tasks, chatterbot_heldout, lee_pairs, pang_lee_sentences
 
@@ -87,7 +87,7 @@ def test_adapter_gives_queries_the_task_instruction_and_documents_none(tiny_llam
 
 
 def test_an_export_scores_the_same_through_sentence_transformers(tiny_llama_dir, tmp_path):
-    from llmembed.export import export
+    from llmembed.serve.export import export
 
     from .test_export import trained_model
 
@@ -112,7 +112,7 @@ def test_a_sentence_transformers_folder_gets_its_own_query_prompt(tiny_llama_dir
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    from llmembed.encoders import load_encoder
+    from llmembed.serve.encoders import load_encoder
 
     transformer = Transformer(str(tiny_llama_dir), max_seq_length=32)
     model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmembed.backbone import load_tokenizer
-from llmembed.export import serving_tokenizer
+from llmembed.serve.export import serving_tokenizer
 from llmembed.prompts import PromptConfig, PromptError
 from llmembed.serving import ServingContract
 from llmembed.tokenization import EmbeddingTokenizer

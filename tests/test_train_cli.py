@@ -87,7 +87,7 @@ def test_distillation_from_mined_teacher_scores_trains_and_unmined_data_is_refus
     """Negatives and scores from a real mining pass with the packaged all-MiniLM-L6-v2; the
     same first batch costs InfoNCE + KL with the teacher, InfoNCE alone without it."""
     from llmembed.data import read_jsonl
-    from llmembed.encoders import load_encoder, reference_model_dir
+    from llmembed.serve.encoders import load_encoder, reference_model_dir
     from llmembed.mine import MineSettings, mine
 
     raw = write_pairs(tmp_path / "pairs.jsonl", 40)
@@ -114,7 +114,7 @@ def test_distillation_from_mined_teacher_scores_trains_and_unmined_data_is_refus
 def test_structure_distillation_from_the_packaged_encoder_trains(tiny_dir, tmp_path):
     """The packaged all-MiniLM-L6-v2 as a live teacher: the first step's loss gains the MSE of
     the two models' cosine matrices (>= 0, and this teacher is not the student)."""
-    from llmembed.encoders import reference_model_dir
+    from llmembed.serve.encoders import reference_model_dir
 
     data = write_pairs(tmp_path / "pairs.jsonl", 40)
     first = {}
@@ -225,7 +225,7 @@ def test_grad_cache_with_structure_distillation_and_matryoshka_equals_the_plain_
     """GradCache (chunks of 3 of 8 queries) under the live teacher's listwise KL and a Matryoshka
     loss: step by step the plain step's losses and gradient norms; the trained widths land in
     the saved model's serving contract."""
-    from llmembed.encoders import reference_model_dir
+    from llmembed.serve.encoders import reference_model_dir
     from llmembed.model import EmbeddingModel
 
     data = write_pairs(tmp_path / "pairs.jsonl", 40)

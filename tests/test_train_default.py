@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from llmembed.data.packaged import main as make_data
-from llmembed.encoders import TextEncoder
+from llmembed.serve.encoders import TextEncoder
 from llmembed.evaluate import runner
 from llmembed.model import EmbeddingModel
 

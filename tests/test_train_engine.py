@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from llmembed.export import export
+from llmembed.serve.export import export
 from llmembed.model import EmbeddingModel
 from llmembed.train import checkpoint
 
@@ -129,7 +129,7 @@ def test_balanced_ranks_equal_one_process_holding_every_ranks_negatives(tiny_dir
     every record's 2 hard negatives (group 2), give step by step the loss and gradient norm of
     one process with the same 4 queries and both negatives in each group (group 3), with the
     same candidates masked by a teacher's guide."""
-    from llmembed.encoders import reference_model_dir
+    from llmembed.serve.encoders import reference_model_dir
 
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for i in range(32):
@@ -413,7 +413,7 @@ def test_evaluation_during_zero3_training_logs_keeps_the_best_and_changes_nothin
     and the losses equal those of the same run without evaluation (the RNG is restored)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from llmembed.encoders import load_encoder
+    from llmembed.serve.encoders import load_encoder
     from llmembed.evaluate import runner
 
     data = write_pairs(tmp_path / "pairs.jsonl", 64)

@@ -1,4 +1,4 @@
-"""`python -m llmembed.verify`: every serving path of an export is checked against our encode,
+"""`python -m llmembed.serve.verify`: every serving path of an export is checked against our encode,
 and a damaged export is caught with the path and the texts that differ."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from llmembed.export import export
-from llmembed.verify import probe_set, verify
+from llmembed.serve.export import export
+from llmembed.serve.verify import probe_set, verify
 
 from .test_export import trained_model
 
 
 def _run_verify(folder, *extra):
-    return subprocess.run([sys.executable, "-m", "llmembed.verify", str(folder), *extra],
+    return subprocess.run([sys.executable, "-m", "llmembed.serve.verify", str(folder), *extra],
                           capture_output=True, text=True, timeout=600)
 
 

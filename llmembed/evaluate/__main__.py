@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llmembed.argtypes import int_at_least
 from llmembed.data import DataError, read_jsonl
-from llmembed.encoders import BACKENDS, EncoderError, TextEncoder, describe, load_encoder, reference_model_dir
+from llmembed.serve.encoders import BACKENDS, EncoderError, TextEncoder, describe, load_encoder, reference_model_dir
 from llmembed.evaluate import runner
 from llmembed.evaluate.suite import SUITE, SuiteError
 from llmembed.model import model_inputs

@@ -1,6 +1,6 @@
 """Our encoders as mteb 2.x models: ``mteb.evaluate(MTEBEncoder(encoder), tasks)``.
 
-An :class:`mteb.models.abs_encoder.AbsEncoder` over :class:`llmembed.encoders.TextEncoder`:
+An :class:`mteb.models.abs_encoder.AbsEncoder` over :class:`llmembed.serve.encoders.TextEncoder`:
 queries (and both sides of symmetric tasks such as STS and classification) get the task's
 instruction, documents get none (E5 convention). Instructions come from ``instructions``
 (task name -> text, or query text -> text for records that carry their own; the offline suite
@@ -16,7 +16,7 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
-from llmembed.encoders import TextEncoder
+from llmembed.serve.encoders import TextEncoder
 from llmembed.evaluate.suite import Instruction
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmembed.encoders import TextEncoder
+from llmembed.serve.encoders import TextEncoder
 from llmembed.evaluate.suite import REPORTED, SUITE, build_tasks
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value

@@ -57,7 +57,7 @@ class TrainingEvaluator:
 
     def run(self, step: int, engine: Any, model: Any, run_log: Any) -> float:
         """Score the in-memory model at ``step``; log it; keep it if it is the best so far."""
-        from llmembed.encoders import TextEncoder
+        from llmembed.serve.encoders import TextEncoder
         from llmembed.evaluate import runner
         from llmembed.train import checkpoint
         from llmembed.train.save import save_model

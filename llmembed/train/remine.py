@@ -65,7 +65,7 @@ class RemineConfig:
 
 
 class RankShardedEncoder:
-    """A :class:`~llmembed.encoders.TextEncoder` whose work is split over the ranks: each encodes
+    """A :class:`~llmembed.serve.encoders.TextEncoder` whose work is split over the ranks: each encodes
     an equal slice of the texts (the last one padded, so every rank runs as many forwards,
     which ZeRO-3 needs) and the vectors are gathered, so every rank gets them all."""
 
@@ -155,7 +155,7 @@ class HardNegativeRefresher:
     def refresh(self, model: Any, step: int) -> int:
         """Re-mine every stale record with ``model`` (the in-memory model being trained);
         returns how many got new negatives. Every rank calls it at the same step."""
-        from llmembed.encoders import TextEncoder
+        from llmembed.serve.encoders import TextEncoder
         from llmembed.mine import MineSettings, mine
         from llmembed.train import checkpoint
 

@@ -354,7 +354,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
     teacher = None
     if config.loss.structure_weight > 0 or config.loss.guided_masking:
-        from llmembed.encoders import load_encoder
+        from llmembed.serve.encoders import load_encoder
 
         teacher = load_encoder(config.loss.teacher_model)
     collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,

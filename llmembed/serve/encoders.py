@@ -207,7 +207,7 @@ def load_encoder(folder: str | Path, backend: str = "auto", trust_remote_code: b
                            "modules.json)")
     if not any(folder.rglob("*.safetensors")) and not any(folder.rglob("*.bin")):
         raise EncoderError(f"{folder}: has no weights (*.safetensors)")
-    from llmembed.st_modules import load_sentence_transformer  # sentence-transformers: only when used
+    from llmembed.serve.st_modules import load_sentence_transformer  # sentence-transformers: only when used
 
     try:
         model = load_sentence_transformer(folder, trust_remote_code)

@@ -1,6 +1,6 @@
 """Embed texts with real vLLM (``runner="pooling"``); runs inside a vLLM environment.
 
-    VLLM_PYTHON llmembed/vllm_embed.py EXPORT_DIR IN.json OUT.json [--dtype auto] [--hf-overrides JSON]
+    VLLM_PYTHON llmembed/serve/vllm_embed.py EXPORT_DIR IN.json OUT.json [--dtype auto] [--hf-overrides JSON]
                                        [--dimensions 16,64]
 
 ``IN.json`` is a list of strings (prompts already applied); ``OUT.json`` receives the vectors,

@@ -1,6 +1,6 @@
 """Serving parity check for an export: does every way of serving it give our vectors?
 
-    python -m llmembed.verify EXPORT_DIR [--vllm-python PATH]      (or: llmembed-verify ...)
+    python -m llmembed.serve.verify EXPORT_DIR [--vllm-python PATH]      (or: llmembed-verify ...)
 
 A fixed probe set (short, one token, an 8-sentence query, texts past the serving length, CJK,
 emoji, surrounding whitespace, an instruction-formatted query) is embedded by:
@@ -45,7 +45,7 @@ from llmembed.serving import ServingContract
 FP32_MIN_COS = 0.9999
 LOW_PRECISION_MIN_COS = 0.999
 WORKER = Path(__file__).with_name("vllm_embed.py")
-REPORT_KIND = Kind("a report of llmembed.verify", folder=False, recognise=any_json_with("paths", "probes"))
+REPORT_KIND = Kind("a report of llmembed.serve.verify", folder=False, recognise=any_json_with("paths", "probes"))
 
 _SENTENCES = [
     "The committee met on Tuesday to review the budget for the coming year.",
@@ -260,7 +260,7 @@ def _sentence_transformers(export_dir: Path, contract: ServingContract, probes: 
     (``prompt_name="query"``; a query of another task with its instruction as ``prompt``),
     documents with no prompt at all (the saved default applies), the contract's output width as
     ``truncate_dim``, and the vectors exactly as ST returns them."""
-    from llmembed.st_modules import load_sentence_transformer
+    from llmembed.serve.st_modules import load_sentence_transformer
 
     st = load_sentence_transformer(export_dir, truncate_dim=contract.output_dim)
     vectors, tokens = [], []
@@ -421,8 +421,8 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmembed.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("export", help="export folder (python -m llmembed.export)")
+    parser = argparse.ArgumentParser(prog="python -m llmembed.serve.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("export", help="export folder (python -m llmembed.serve.export)")
     parser.add_argument("--vllm-python", default=os.environ.get("LLMEMBED_VLLM_PYTHON"),
                         help="python of an environment with vLLM (default: $LLMEMBED_VLLM_PYTHON); "
                              "without it the vLLM column is skipped")

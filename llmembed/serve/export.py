@@ -1,20 +1,20 @@
 """Export a trained model folder as one merged checkpoint that serves unchanged.
 
-``python -m llmembed.export --model TRAINED_DIR --out DIR [--dtype bf16]`` writes:
+``python -m llmembed.serve.export --model TRAINED_DIR --out DIR [--dtype bf16]`` writes:
 
 - merged weights (LoRA folded into the base) as safetensors, ``config.json`` carrying
   ``is_causal`` exactly as trained (vLLM and transformers both read it);
 - a tokenizer whose *plain* call appends EOS when the contract says so, and which has no chat
   template (sentence-transformers would otherwise wrap plain text in it);
 - sentence-transformers files: ``modules.json``, the pooling module (ST's ``Pooling`` for
-  last-token/mean, our :class:`llmembed.st_modules.LatentAttentionPooling` for NV-Embed),
+  last-token/mean, our :class:`llmembed.serve.st_modules.LatentAttentionPooling` for NV-Embed),
   ``Normalize``, the query/document prompts and the serving length;
 - ``llmembed_serving.json``: the model's serving contract, unchanged;
 - a model card with the exact loading and serving commands.
 
 Everything above is rendered from the one :class:`~llmembed.serving.ServingContract` read
 from the trained folder; nothing is re-derived from settings elsewhere. The export then runs
-:mod:`llmembed.verify` on its own output (with real vLLM when ``--vllm-python`` or
+:mod:`llmembed.serve.verify` on its own output (with real vLLM when ``--vllm-python`` or
 ``$LLMEMBED_VLLM_PYTHON`` names an interpreter that has it).
 
 Shipping merged weights rather than an adapter is deliberate: servers that apply LoRA on
@@ -38,11 +38,11 @@ from llmembed.backbone import dtype_name, set_bidirectional
 from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel, model_inputs
 from llmembed.outputs import Kind, check_output, staged_folder
-from llmembed.verify import verify as run_verify
-from llmembed.verify import vllm_interpreter
+from llmembed.serve.verify import verify as run_verify
+from llmembed.serve.verify import vllm_interpreter
 from llmembed.serving import SERVING_FILE, ServingContract
 
-logger = logging.getLogger("llmembed.export")
+logger = logging.getLogger("llmembed.serve.export")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -59,7 +59,7 @@ def export(model_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", inst
 
     ``instruction`` replaces the contract's default instruction in the exported query prompt.
     With ``verify`` the export's vectors are checked against our ``encode`` in every serving
-    path (:func:`llmembed.verify.verify`); a mismatch raises :class:`ExportError`.
+    path (:func:`llmembed.serve.verify.verify`); a mismatch raises :class:`ExportError`.
 
     Nothing is deleted before everything is known to work: the checks on the folders come
     first, the export is built in a temporary sibling of ``out_dir`` and moved into place only
@@ -128,7 +128,7 @@ def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: 
         model_kwargs={"dtype": DTYPES[dtype], "attn_implementation": "sdpa"},
     )
     if contract.pooling.kind == "latent_attention":
-        from llmembed.st_modules import LatentAttentionPooling
+        from llmembed.serve.st_modules import LatentAttentionPooling
 
         pooling = LatentAttentionPooling.from_head(model.pooling)
     else:
@@ -211,7 +211,7 @@ def model_card(name: str, contract: ServingContract, dtype: str) -> str:
     latent = pooling == "latent_attention"
     query_prefix, passage_prefix = contract.query_prefix(), contract.passage_prefix()
     st_load = (
-        f'SentenceTransformer("{name}", trust_remote_code=True)  # loads llmembed.st_modules.LatentAttentionPooling'
+        f'SentenceTransformer("{name}", trust_remote_code=True)  # loads llmembed.serve.st_modules.LatentAttentionPooling'
         if latent else f'SentenceTransformer("{name}")'
     )
     attention = "causal" if contract.is_causal else "bidirectional (`is_causal: false` in config.json)"
@@ -252,7 +252,7 @@ tags: [sentence-transformers, feature-extraction, llmembed]
 A text-embedding model exported by [llmembed](https://pypi.org/project/llmembed/): merged weights
 ({dtype}), {pooling.replace('_', '-')} pooling, {attention}, {normalised} vectors. Inputs longer than
 {contract.max_length} tokens are cut at the end (the EOS token is kept). The serving facts are in
-`llmembed_serving.json`; `python -m llmembed.verify {name}` checks that every serving path agrees.
+`llmembed_serving.json`; `python -m llmembed.serve.verify {name}` checks that every serving path agrees.
 {truncation}
 ## Inputs
 Queries carry an instruction; passages {"carry the prefix " + repr(passage_prefix) if passage_prefix else "are embedded as they are"}.
@@ -285,7 +285,7 @@ out = llm.embed([{query_prefix!r} + "how do plants make food?"], tokenization_kw
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmembed.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llmembed.serve.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model folder (EmbeddingModel.save)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight dtype of the export")
