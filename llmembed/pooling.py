@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,6 @@ from torch import nn
 
 from llmembed.config import bounded, check_ranges
 
-POOLING_KINDS = ("last_token", "mean", "latent_attention")
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -44,10 +44,10 @@ class PoolingConfig:
     mlp_ratio: int = bounded(4, ge=1)
 
     def __post_init__(self) -> None:
-        if self.kind not in POOLING_KINDS:
-            raise ValueError(f"pooling.kind: {self.kind!r} is not one of {POOLING_KINDS}")
-        if self.kind == "last_token" and not self.include_instruction:
-            raise ValueError("pooling.include_instruction=false has no meaning for last_token pooling")
+        if self.kind not in POOLINGS:
+            raise ValueError(f"pooling.kind: {self.kind!r} is not one of {tuple(POOLINGS)}")
+        if not POOLINGS[self.kind].can_skip_instruction and not self.include_instruction:
+            raise ValueError(f"pooling.include_instruction=false has no meaning for {self.kind} pooling")
         check_ranges(self)
 
 
@@ -79,7 +79,35 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Pooling(nn.Module):
-    """Base class: ``forward(hidden, attention_mask, prompt_lengths=None) -> (batch, dim)``."""
+    """Base class: ``forward(hidden, attention_mask, prompt_lengths=None) -> (batch, dim)``.
+
+    Each pooling also states, once, how it is served: the serving contract, the exporter and
+    verify read these class attributes instead of switching on ``kind``. A new pooling is its
+    class here plus its entry in ``POOLINGS`` (and, when sentence-transformers has no module for
+    it, one in :mod:`llmembed.serve.st_modules`)."""
+
+    kind: ClassVar[str]
+    # The vector is the last real token's state: the tokenizer appends EOS by default and pads
+    # on the left (the decoder convention).
+    reads_last_token: ClassVar[bool] = False
+    # Whether it can leave the instruction's tokens out (pooling.include_instruction: false).
+    can_skip_instruction: ClassVar[bool] = True
+    # sentence-transformers' Pooling mode that renders it; None: it ships an ST module of ours.
+    st_pooling_mode: ClassVar[str | None] = None
+    # Whether a user can pool a plain transformers forward by hand (what verify's transformers
+    # path does); a head with weights of its own cannot.
+    by_hand: ClassVar[bool] = True
+
+    @classmethod
+    def vllm_unsupported(cls, config: PoolingConfig) -> str | None:
+        """Why vLLM cannot serve this pooling with these settings, or None when it can."""
+        return None
+
+    @classmethod
+    def pool_by_hand(cls, hidden: torch.Tensor, skip: int) -> torch.Tensor:
+        """One text's vector from a plain forward's states (tokens x hidden), its first ``skip``
+        (prompt) tokens left out when the pooling leaves the instruction out."""
+        raise NotImplementedError(f"{cls.kind} pooling has no by-hand rule")
 
     def __init__(self, config: PoolingConfig, hidden_size: int) -> None:
         super().__init__()
@@ -117,12 +145,35 @@ class Pooling(nn.Module):
 
 
 class LastTokenPooling(Pooling):
+    kind = "last_token"
+    reads_last_token = True
+    can_skip_instruction = False
+    st_pooling_mode = "lasttoken"
+
+    @classmethod
+    def pool_by_hand(cls, hidden: torch.Tensor, skip: int) -> torch.Tensor:
+        return hidden[-1]
+
     def forward(self, hidden, attention_mask, prompt_lengths=None):
         index = last_token_indices(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 class MeanPooling(Pooling):
+    kind = "mean"
+    st_pooling_mode = "mean"
+
+    @classmethod
+    def vllm_unsupported(cls, config: PoolingConfig) -> str | None:
+        if not config.include_instruction:
+            return "vLLM's mean pooling cannot leave the instruction tokens out (include_instruction: false)"
+        return None
+
+    @classmethod
+    def pool_by_hand(cls, hidden: torch.Tensor, skip: int) -> torch.Tensor:
+        kept = hidden[skip:]  # empty when the prompt count covers the text: a zero vector, as in ST
+        return kept.mean(dim=0) if len(kept) else torch.zeros(hidden.shape[1], dtype=hidden.dtype)
+
     def forward(self, hidden, attention_mask, prompt_lengths=None):
         return masked_mean(hidden, content_mask(attention_mask, self._prompt_lengths(prompt_lengths)))
 
@@ -136,6 +187,13 @@ class LatentAttentionPooling(Pooling):
     training starts from the backbone's own representation. The head runs in its own dtype
     (fp32 by default) whatever the backbone's dtype.
     """
+
+    kind = "latent_attention"
+    by_hand = False
+
+    @classmethod
+    def vllm_unsupported(cls, config: PoolingConfig) -> str | None:
+        return "vLLM has no latent-attention pooling head"
 
     def __init__(self, config: PoolingConfig, hidden_size: int) -> None:
         super().__init__(config, hidden_size)
@@ -173,8 +231,9 @@ class LatentAttentionPooling(Pooling):
         return masked_mean(x, content_mask(attention_mask, self._prompt_lengths(prompt_lengths)))
 
 
-_CLASSES = {"last_token": LastTokenPooling, "mean": MeanPooling, "latent_attention": LatentAttentionPooling}
+# Every pooling, by the kind a config names.
+POOLINGS: dict[str, type[Pooling]] = {cls.kind: cls for cls in (LastTokenPooling, MeanPooling, LatentAttentionPooling)}
 
 
 def build_pooling(config: PoolingConfig, hidden_size: int) -> Pooling:
-    return _CLASSES[config.kind](config, hidden_size)
+    return POOLINGS[config.kind](config, hidden_size)

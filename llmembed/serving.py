@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from llmembed.config import ConfigError, from_dict
-from llmembed.pooling import PoolingConfig
+from llmembed.pooling import POOLINGS, PoolingConfig
 from llmembed.prompts import PromptConfig
 
 
@@ -80,7 +80,7 @@ class ServingContract:
     def from_config(cls, config: "ModelChoices") -> "ServingContract":
         """Resolve a model config's choices (``append_eos: null`` means "for last-token
         pooling") into the facts every path uses."""
-        last_token = config.pooling.kind == "last_token"
+        last_token = POOLINGS[config.pooling.kind].reads_last_token
         return cls(
             pooling=config.pooling,
             prompts=config.prompts,
@@ -106,15 +106,11 @@ class ServingContract:
     def st_pooling_mode(self) -> str | None:
         """sentence-transformers' ``Pooling`` mode for this pooling, or None when it has none
         (latent attention ships a module of our own)."""
-        return {"last_token": "lasttoken", "mean": "mean"}.get(self.pooling.kind)
+        return POOLINGS[self.pooling.kind].st_pooling_mode
 
     def vllm_unsupported(self) -> str | None:
         """Why vLLM cannot serve this contract, or None when it can (from the export alone)."""
-        if self.pooling.kind == "latent_attention":
-            return "vLLM has no latent-attention pooling head"
-        if self.pooling.kind == "mean" and not self.pooling.include_instruction:
-            return "vLLM's mean pooling cannot leave the instruction tokens out (include_instruction: false)"
-        return None
+        return POOLINGS[self.pooling.kind].vllm_unsupported(self.pooling)
 
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict:

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from llmembed.losses import CoSENT, InfoNCE
 from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
 from llmembed.data.readers import ReadReport
@@ -145,7 +146,7 @@ def _texts(tok: EmbeddingTokenizer, inputs: dict) -> list[str]:
 
 def test_ranks_sharing_queries_draw_the_same_positive_and_distinct_negatives(text_tokenizer):
     records = [Record(f"q{i}", [f"p{i}a", f"p{i}b"], [f"n{i}_{j}" for j in range(4)]) for i in range(4)]
-    ds = LoadedDataset("d", records, None, True, 3, "infonce", shared_queries=True)
+    ds = LoadedDataset("d", records, None, True, 3, InfoNCE, shared_queries=True)
     groups = [_texts(text_tokenizer, ContrastiveCollator(text_tokenizer, [ds], seed=1, rank=r, world_size=2)(
         BatchRef(0, (0, 1, 2, 3), epoch=0, step=0))["passage"]) for r in (0, 1)]
     for i in range(4):
@@ -158,7 +159,7 @@ def test_groups_hold_positive_then_fresh_hard_negatives(text_tokenizer):
     records = [Record(f"q{i}", [f"p{i}"], [f"n{i}_{j}" for j in range(5)]) for i in range(6)]
     records.append(Record("q6", ["p6"], ["only"]))
     records.append(Record("q7", ["p7"], []))
-    ds = LoadedDataset("d", records, "Do it", True, 3, "infonce")
+    ds = LoadedDataset("d", records, "Do it", True, 3, InfoNCE)
     collate = ContrastiveCollator(text_tokenizer, [ds], seed=0)
     batch = collate(BatchRef(0, (0, 6, 7), epoch=0, step=0))
     assert _texts(text_tokenizer, batch["query"]) == [f"Instruct: Do it\nQuery: {q}" for q in ("q0", "q6", "q7")]
@@ -181,7 +182,7 @@ def test_groups_hold_positive_then_fresh_hard_negatives(text_tokenizer):
 def test_training_lengths_cut_each_side_and_keep_eos(text_tokenizer):
     long = " ".join(f"word{i}" for i in range(200))
     ds = LoadedDataset("d", [Record(long, [long], [], score=1.0), Record("short", ["p"], [], score=0.0)],
-                       None, True, 1, "cosent")
+                       None, True, 1, CoSENT)
     batch = ContrastiveCollator(text_tokenizer, [ds], query_max_length=24, passage_max_length=16)(
         BatchRef(0, (0, 1), epoch=0, step=0))
     assert batch["query"]["attention_mask"].sum(1).tolist()[0] == 24
@@ -206,7 +207,7 @@ def test_distillation_groups_carry_the_teachers_scores_of_the_drawn_negatives(te
         return Record(f"q{i}", [f"p{i}"], negatives, meta=meta)
 
     records = [mined(i, 5) for i in range(4)] + [mined(4, 1), Record("q5", ["p5"], [])]
-    ds = LoadedDataset("d", records, None, True, 3, "infonce", teacher_scores(records, "embedding", "d"))
+    ds = LoadedDataset("d", records, None, True, 3, InfoNCE, teacher_scores(records, "embedding", "d"))
     collate = ContrastiveCollator(text_tokenizer, [ds], seed=0)
     # A record mining left without negatives borrows unscored ones and sits out (NaN row).
     unscored = collate(BatchRef(0, (5, 0), epoch=0, step=0))["teacher_scores"]
@@ -257,7 +258,7 @@ def test_an_embedding_teacher_adds_its_cosines_of_the_raw_texts(text_tokenizer):
     teacher = load_encoder(reference_model_dir())
     records = [Record("how do plants eat", ["By photosynthesis."], ["Cats sleep a lot."]),
                Record("capital of France", ["Paris."], ["Bananas are yellow."])]
-    ds = LoadedDataset("d", records, "Retrieve", True, 2, "infonce")
+    ds = LoadedDataset("d", records, "Retrieve", True, 2, InfoNCE)
     batch = ContrastiveCollator(text_tokenizer, [ds], teacher_encoder=teacher)(BatchRef(0, (0, 1), epoch=0, step=0))
     passages = ["By photosynthesis.", "Cats sleep a lot.", "Paris.", "Bananas are yellow."]
     expected = teacher.encode_queries([r.query for r in records]) @ teacher.encode_passages(passages).T

@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmembed.losses import CoSENTLoss, InfoNCELoss, LossConfig, LossRouter, TeacherSignals, choose_loss
+from llmembed.data.schema import parse_record
+from llmembed.losses import (CoSENT, CoSENTLoss, InfoNCE, InfoNCELoss, LossConfig, LossRouter, SimCSE,
+                             TeacherSignals, choose_loss)
+from llmembed.losses.cosent import CoSENTSettings
+from llmembed.losses.simcse import SimCSESettings
 
 
 def _unit(*shape):
@@ -63,21 +67,30 @@ def test_cosent_rewards_the_right_order():
     assert abs(right.loss.item() - manual) < 1e-5
 
 
+def _pair(score=None):
+    return parse_record({"query": "q", "positive": "p", "score": score})
+
+
+def _text():
+    return parse_record({"text": "t"})
+
+
 def test_choose_loss_once_per_dataset():
-    assert choose_loss("auto", [True, True], "d") == "cosent"
-    assert choose_loss("auto", [True, False], "d") == "infonce"  # partly scored: cannot rank as a whole
-    assert choose_loss("infonce", [True, True], "d") == "infonce"
+    assert choose_loss("auto", [_pair(1.0), _pair(0.0)], "d").name == "cosent"
+    # partly scored: cannot rank as a whole
+    assert choose_loss("auto", [_pair(1.0), _pair()], "d").name == "infonce"
+    assert choose_loss("infonce", [_pair(1.0), _pair(0.0)], "d").name == "infonce"
     with pytest.raises(ValueError, match="d: loss cosent needs a score on every record"):
-        choose_loss("cosent", [True, False], "d")
+        choose_loss("cosent", [_pair(1.0), _pair()], "d")
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
-        choose_loss("triplet", [True], "d")
+        choose_loss("triplet", [_pair(1.0)], "d")
 
 
 def test_simcse_is_chosen_for_plain_text_and_refused_for_pairs():
-    assert choose_loss("auto", [False, False], "d", [True, True]) == "simcse"
-    assert choose_loss("auto", [False, False], "d", [True, False]) == "infonce"
+    assert choose_loss("auto", [_text(), _text()], "d").name == "simcse"
+    assert choose_loss("auto", [_text(), _pair()], "d").name == "infonce"
     with pytest.raises(ValueError, match="d: loss simcse trains on unlabelled text"):
-        choose_loss("simcse", [False], "d", [False])
+        choose_loss("simcse", [_pair()], "d")
 
 
 def test_simcse_loss_is_infonce_between_the_two_views_written_out():
@@ -88,8 +101,9 @@ def test_simcse_loss_is_infonce_between_the_two_views_written_out():
     torch.manual_seed(9)
     a, b = _unit(5, 8), _unit(5, 8)
     for symmetric in (False, True):
-        router = LossRouter([LoadedDataset("wiki", [], None, True, 1, "simcse")],
-                            LossConfig(temperature=0.02, simcse_temperature=0.07, symmetric=symmetric))
+        router = LossRouter([LoadedDataset("wiki", [], None, True, 1, SimCSE)],
+                            LossConfig(temperature=0.02, simcse=SimCSESettings(temperature=0.07),
+                                       symmetric=symmetric))
         forward = sum(-math.log(math.exp(float(a[i] @ b[i]) / 0.07)
                                 / sum(math.exp(float(a[i] @ b[j]) / 0.07) for j in range(5))) for i in range(5)) / 5
         backward = sum(-math.log(math.exp(float(b[i] @ a[i]) / 0.07)
@@ -101,10 +115,10 @@ def test_simcse_loss_is_infonce_between_the_two_views_written_out():
 def test_router_binds_each_datasets_loss_and_settings():
     from llmembed.data.collate import LoadedDataset
 
-    datasets = [LoadedDataset("pairs", [], None, True, 2, "infonce"),
-                LoadedDataset("labels", [], None, False, 3, "infonce"),
-                LoadedDataset("sts", [], None, True, 1, "cosent")]
-    router = LossRouter(datasets, LossConfig(temperature=0.05, symmetric=True, cosent_scale=10.0))
+    datasets = [LoadedDataset("pairs", [], None, True, 2, InfoNCE),
+                LoadedDataset("labels", [], None, False, 3, InfoNCE),
+                LoadedDataset("sts", [], None, True, 1, CoSENT)]
+    router = LossRouter(datasets, LossConfig(temperature=0.05, symmetric=True, cosent=CoSENTSettings(scale=10.0)))
     assert len(router) == 3 and router.names == ["infonce", "infonce", "cosent"]
     torch.manual_seed(3)
     q = _unit(3, 8)
@@ -179,7 +193,7 @@ def test_guided_masking_removes_what_the_teacher_ranks_above_the_positive():
     # query 1 for it, so the reverse direction masks nothing more.
     both = InfoNCELoss(temperature=0.05, symmetric=True)(q, p, group_size=2, guide=(guide_q, guide_p))
     assert both.masked == 1
-    router = LossRouter([LoadedDataset("d", [], None, True, 2, "infonce")],
+    router = LossRouter([LoadedDataset("d", [], None, True, 2, InfoNCE)],
                         LossConfig(temperature=0.05, teacher_model="t", guided_masking=True))
     routed = router(0)(q, p, None, TeacherSignals(query=guide_q, passage=guide_p))
     assert routed.masked == 1 and torch.allclose(routed.loss, manual, atol=1e-6)
@@ -232,8 +246,8 @@ def test_router_adds_weighted_distillation_only_where_a_dataset_has_teacher_scor
 
     torch.manual_seed(6)
     q, p, teacher = _unit(2, 8), _unit(4, 8), torch.rand(2, 2)
-    plain = LoadedDataset("plain", [], None, True, 2, "infonce")
-    taught = LoadedDataset("taught", [], None, True, 2, "infonce", teacher=[[0.5, 0.1]])
+    plain = LoadedDataset("plain", [], None, True, 2, InfoNCE)
+    taught = LoadedDataset("taught", [], None, True, 2, InfoNCE, teacher=[[0.5, 0.1]])
     router = LossRouter([plain, taught], LossConfig(temperature=0.05, distill_weight=0.5, teacher_temperature=0.1))
     infonce = InfoNCELoss(0.05)(q, p, 2).loss
     kl = KLDistillLoss(0.05, 0.1)(q, p, teacher)
@@ -258,7 +272,7 @@ def test_similarity_structure_loss_is_the_mse_of_cosine_matrices_of_any_widths()
     own = (F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T).detach()
     same = SimilarityStructureLoss()(q, p, own)
     assert same.item() < 1e-12 and all(g.abs().max() < 1e-7 for g in torch.autograd.grad(same, [q, p]))
-    router = LossRouter([LoadedDataset("d", [], None, True, 2, "infonce")],
+    router = LossRouter([LoadedDataset("d", [], None, True, 2, InfoNCE)],
                         LossConfig(temperature=0.05, teacher_model="teacher", structure_weight=2.0))
     qn, pn = F.normalize(q, dim=-1).detach(), F.normalize(p, dim=-1).detach()
     out = router(0)(qn, pn, None, TeacherSignals(similarity=teacher))
@@ -281,7 +295,7 @@ def test_similarity_structure_loss_is_the_mse_of_cosine_matrices_of_any_widths()
 def test_matryoshka_sums_each_prefix_loss_on_renormalised_prefixes_as_written_out():
     from llmembed.data.collate import LoadedDataset
 
-    datasets = [LoadedDataset("pairs", [], None, True, 2, "infonce"), LoadedDataset("sts", [], None, True, 1, "cosent")]
+    datasets = [LoadedDataset("pairs", [], None, True, 2, InfoNCE), LoadedDataset("sts", [], None, True, 1, CoSENT)]
     config = LossConfig(temperature=0.05, matryoshka_dims=[8, 2, 4], matryoshka_weights=[1.0, 0.5, 0.25])
     router = LossRouter(datasets, config)
     torch.manual_seed(4)

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from llmembed.losses import InfoNCE
 from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, LoraSettings, PoolingConfig
 from llmembed.serve.export import export
 
@@ -131,8 +132,8 @@ def _train_prefix_losses(base, matryoshka_dims: list[int] | None, width: int, st
     torch.manual_seed(0)
     encoder = PairEncoder(EmbeddingModel.build(config))
     loss_config = LossConfig(temperature=0.05, matryoshka_dims=matryoshka_dims)
-    loss = LossRouter([LoadedDataset("pairs", [], None, True, 1, "infonce")], loss_config)(0)
-    plain = LossRouter([LoadedDataset("pairs", [], None, True, 1, "infonce")], LossConfig(temperature=0.05))(0)
+    loss = LossRouter([LoadedDataset("pairs", [], None, True, 1, InfoNCE)], loss_config)(0)
+    plain = LossRouter([LoadedDataset("pairs", [], None, True, 1, InfoNCE)], LossConfig(temperature=0.05))(0)
     query, passage = encoder.model.tokenize(queries, is_query=True), encoder.model.tokenize(passages)
     optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=2e-3)
     for _ in range(steps):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from llmembed.data.collate import LoadedDataset
-from llmembed.losses import LossConfig, LossRouter
-from llmembed.losses.mntp import IGNORE, MNTPHead, mask_tokens, mask_token_id, output_embeddings
+from llmembed.data.masking import IGNORE, mask_tokens
+from llmembed.losses import MNTP, LossConfig, LossParts, LossRouter
+from llmembed.losses.mntp import MNTPHead, mask_token_id, output_embeddings
 from llmembed.train.step import PairEncoder
 
 from .conftest import save_tiny
@@ -66,9 +67,9 @@ def test_mntp_loss_is_the_causal_lms_own_shifted_loss_with_bidirectional_attenti
     assert (labels != IGNORE).sum() >= 2
     model.eval()
     # The training path: the pair encoder gives token states without passages, the router scores them.
-    datasets = [LoadedDataset("wiki", [], None, True, 1, "mntp")]
+    datasets = [LoadedDataset("wiki", [], None, True, 1, MNTP)]
     states = PairEncoder(model)({"input_ids": masked, "attention_mask": inputs["attention_mask"]})
-    loss = LossRouter(datasets, LossConfig(), MNTPHead(head))(0)(states, labels).loss
+    loss = LossRouter(datasets, LossConfig(), [LossParts(head=MNTPHead(head))])(0)(states, labels).loss
     want = reference(input_ids=masked, attention_mask=inputs["attention_mask"], labels=labels).loss
     assert abs(loss.item() - want.item()) < 1e-4, (loss.item(), want.item())
     with pytest.raises(ValueError, match="wiki trains MNTP"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmembed.losses import InfoNCE
 from llmembed.data.collate import LoadedDataset
 from llmembed.data.schema import Record
 from llmembed.train.remine import HardNegativeRefresher, RemineConfig
@@ -14,7 +15,7 @@ from llmembed.train.remine import HardNegativeRefresher, RemineConfig
 def _dataset(n: int = 6) -> LoadedDataset:
     records = [Record(f"q{i}", [f"p{i}"], [f"n{i}a", f"n{i}b"]) for i in range(n)]
     records.append(Record("q-bare", ["p-bare"]))  # no negatives of its own: never tracked
-    return LoadedDataset("d", records, None, True, 2, "infonce", teacher=[[0.9, 0.1, 0.2]] * (n + 1))
+    return LoadedDataset("d", records, None, True, 2, InfoNCE, teacher=[[0.9, 0.1, 0.2]] * (n + 1))
 
 
 def _seen(rows: list[int], scores: list[float]) -> torch.Tensor:

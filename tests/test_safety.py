@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from llmembed.losses import InfoNCE
 from llmembed.config import ConfigError
 from llmembed.data import DataError, read_jsonl
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset
@@ -160,13 +161,13 @@ def test_one_record_dataset_is_a_clear_error_or_works(default_dir):
     text_tokenizer = EmbeddingTokenizer(load_tokenizer(str(default_dir)), ServingContract())
     lone = [Record("q", ["p"])]
     with pytest.raises(ValueError, match="needs hard negatives or at least 2 records"):
-        ContrastiveCollator(text_tokenizer, [LoadedDataset("lone", lone, None, True, 2, "infonce")])
+        ContrastiveCollator(text_tokenizer, [LoadedDataset("lone", lone, None, True, 2, InfoNCE)])
     # With its own negative, or without negatives in the group, one record works.
     with_negative = [Record("q", ["p"], ["n"])]
-    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", with_negative, None, True, 2, "infonce")])(
+    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", with_negative, None, True, 2, InfoNCE)])(
         BatchRef(0, (0,), epoch=0, step=0))
     assert batch["passage"]["input_ids"].shape[0] == 2
-    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", lone, None, True, 1, "infonce")])(
+    batch = ContrastiveCollator(text_tokenizer, [LoadedDataset("one", lone, None, True, 1, InfoNCE)])(
         BatchRef(0, (0,), epoch=0, step=0))
     assert batch["passage"]["input_ids"].shape[0] == 1
 

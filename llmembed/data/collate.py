@@ -20,13 +20,38 @@ Training may cut queries and passages shorter than the serving length to save co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from llmembed.data.masking import TokenMasking, mask_tokens
 from llmembed.data.sampling import BatchRef
 from llmembed.data.schema import Record
 from llmembed.tokenization import EmbeddingTokenizer
+
+
+class BatchShape(Enum):
+    """What a loss is fed, which decides how the collator tokenises a batch."""
+
+    # Queries (with their instructions) and, per query, a positive and its negatives.
+    PAIRS = "pairs"
+    # Each text twice, both as passages without instruction: two views told apart by dropout.
+    VIEWS = "views"
+    # Each text once, masked, with per-token labels (a token-level loss).
+    TOKENS = "tokens"
+
+
+class LossFacts(Protocol):
+    """What loading and collating ask of a dataset's loss (a class registered in
+    :mod:`llmembed.losses`), so that no layer below the losses switches on a loss's name."""
+
+    name: str
+    batch_shape: BatchShape
+    hard_negatives: bool  # groups of a positive and hard negatives (data.group_size)
+    teacher_scores: bool  # may distil a teacher's scores of each group (datasets' teacher_scores)
+    embedding_teacher: bool  # reads an embedding teacher's vectors of the batch's texts
 
 
 @dataclass
@@ -36,7 +61,7 @@ class LoadedDataset:
     instruction: str | None
     in_batch_negatives: bool
     group_size: int
-    loss: str  # "infonce", "cosent" or "simcse", chosen once when the dataset is loaded
+    loss: LossFacts  # the loss class, chosen once when the dataset is loaded
     # Per record: the teacher's score of its positive, then of each negative; a record without
     # negatives has None (its group borrows unscored negatives and sits out the distillation).
     # None for the whole list: no distillation.
@@ -44,16 +69,6 @@ class LoadedDataset:
     # Conan's cross-rank balancing (data.balanced_ranks): every rank takes the same queries
     # and positives of a batch and draws its own share of the hard negatives.
     shared_queries: bool = False
-
-
-@dataclass
-class MNTPMasking:
-    """How MNTP datasets mask their texts (see :mod:`llmembed.losses.mntp`)."""
-
-    mask_id: int
-    vocab_size: int
-    probability: float
-    special_ids: set[int]
 
 
 # Where each teacher's scores live in a record's meta: (section, positive score, negative scores).
@@ -97,7 +112,7 @@ class ContrastiveCollator:
     def __init__(self, text_tokenizer: EmbeddingTokenizer, datasets: list[LoadedDataset], seed: int = 0,
                  query_max_length: int | None = None, passage_max_length: int | None = None,
                  teacher_encoder=None, rank: int = 0, world_size: int = 1,
-                 mntp_masking: MNTPMasking | None = None) -> None:
+                 token_masking: TokenMasking | None = None) -> None:
         """``teacher_encoder`` (a :class:`llmembed.serve.encoders.TextEncoder`): adds the teacher's
         normalised vectors of every InfoNCE batch's raw texts (``teacher_query``,
         ``teacher_passage``), for structure distillation and guided masking."""
@@ -119,7 +134,7 @@ class ContrastiveCollator:
         self.passage_max_length = passage_max_length or serving
         self.teacher_encoder = teacher_encoder
         self.rank, self.world_size = rank, world_size
-        self.mntp_masking = mntp_masking
+        self.token_masking = token_masking
 
     def _group(self, ds_index: int, row: int, epoch: int) -> tuple[str, list[str], list[int] | None]:
         """The positive, the negatives, and the negatives' indices in the record (None when
@@ -150,12 +165,11 @@ class ContrastiveCollator:
         return positive, negatives, None
 
     def _masked(self, ref: BatchRef, texts: list[str]) -> dict:
-        """An MNTP batch: the texts as passages, masked, with their labels."""
-        from llmembed.losses.mntp import mask_tokens
-
-        m = self.mntp_masking
+        """A token-level batch: the texts as passages, masked, with their labels."""
+        m = self.token_masking
         if m is None:
-            raise ValueError(f"dataset {self.datasets[ref.dataset].name}: an MNTP batch needs the collator's mntp_masking")
+            raise ValueError(f"dataset {self.datasets[ref.dataset].name}: a masked-token batch needs the collator's "
+                             "token_masking")
         inputs = self.text_tokenizer(texts, is_query=False, max_length=self.passage_max_length)
         rngs = [np.random.default_rng([self.seed, ref.epoch, ref.dataset, row, 2]) for row in ref.indices]
         inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"], m.special_ids,
@@ -165,9 +179,9 @@ class ContrastiveCollator:
     def __call__(self, ref: BatchRef) -> dict:
         ds = self.datasets[ref.dataset]
         records = [ds.records[i] for i in ref.indices]
-        if ds.loss == "mntp":
+        if ds.loss.batch_shape is BatchShape.TOKENS:
             return self._masked(ref, [r.query for r in records])
-        if ds.loss == "simcse":  # two views of the same input, told apart by dropout alone
+        if ds.loss.batch_shape is BatchShape.VIEWS:  # two views of the same input, told apart by dropout alone
             queries = self.text_tokenizer([r.query for r in records], is_query=False,
                                           max_length=self.passage_max_length)
         else:
@@ -190,7 +204,7 @@ class ContrastiveCollator:
         }
         if ds.teacher is not None:
             batch["teacher_scores"] = torch.tensor(teacher, dtype=torch.float32)
-        if self.teacher_encoder is not None and ds.loss == "infonce":
+        if self.teacher_encoder is not None and ds.loss.embedding_teacher:
             q = self.teacher_encoder.encode_queries([r.query for r in records])
             p = self.teacher_encoder.encode_passages(passages)
             batch["teacher_query"], batch["teacher_passage"] = torch.from_numpy(q), torch.from_numpy(p)

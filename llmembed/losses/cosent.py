@@ -9,11 +9,18 @@ For every two pairs where ``score_i > score_j`` it asks ``cos_i > cos_j``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from llmembed.config import bounded, check_ranges
+from llmembed.data.collate import LoadedDataset
+from llmembed.data.schema import Record
 from llmembed.distributed import gather_with_grad, world
-from llmembed.losses.infonce import LossOutput
+from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
 
 
 class CoSENTLoss:
@@ -36,3 +43,39 @@ class CoSENTLoss:
         agree = ((cos.unsqueeze(1) > cos.unsqueeze(0)) & wanted).sum()
         accuracy = agree.float() / wanted.sum().clamp(min=1)
         return LossOutput(loss, accuracy.detach())
+
+
+@dataclass
+class CoSENTSettings:
+    """``loss.cosent``."""
+
+    # The cosines' scale inside the exponent (Su's and AnglE's 20).
+    scale: float = bounded(20.0, gt=0.0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+class CoSENT(DatasetLoss):
+    """CoSENT for records that each carry a graded score: one passage per query, no hard
+    negatives. ``loss: auto`` picks it when every record of a dataset is scored (a partly
+    scored set cannot be ranked as a whole)."""
+
+    name = "cosent"
+    needs_scores = True
+    settings_class = CoSENTSettings
+
+    @classmethod
+    def fits_automatically(cls, records: Sequence[Record]) -> bool:
+        return bool(records) and all(r.score is not None for r in records)
+
+    def __init__(self, dataset: LoadedDataset, config: LossSettings, settings: CoSENTSettings,
+                 parts: LossParts) -> None:
+        super().__init__(dataset, config, settings, parts)
+        self.cosent = CoSENTLoss(settings.scale, config.cross_device_negatives)
+
+    def __call__(self, queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                 teacher: TeacherSignals | None = None) -> LossOutput:
+        if scores is None:
+            raise ValueError(f"dataset {self.dataset.name}: a CoSENT batch came without scores")
+        return self.cosent(queries, passages, scores)

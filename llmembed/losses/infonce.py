@@ -27,19 +27,18 @@ at the memory cost of ``group_size - 1``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from llmembed.data.collate import LoadedDataset
+from llmembed.data.schema import Record
 from llmembed.distributed import gather_with_grad, world
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor
-    accuracy: torch.Tensor  # share of queries whose positive scores highest
-    masked: int = 0  # negatives left out as likely false negatives (this rank's rows)
+from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
+from llmembed.losses.distill import KLDistillLoss
+from llmembed.losses.structure import SimilarityStructureLoss
 
 
 class InfoNCELoss:
@@ -160,3 +159,51 @@ def _balanced_columns(passages: torch.Tensor, local: int, group_size: int, size:
     gathered = gather_with_grad(grouped[:, 1:].contiguous())  # (size * local, g - 1, d)
     everyone = gathered.view(size, local, group_size - 1, -1).transpose(0, 1)
     return torch.cat([grouped[:, 0], everyone.reshape(local * size * (group_size - 1), -1)])
+
+
+class InfoNCE(DatasetLoss):
+    """The default loss of (query, positive[, negatives]) records: InfoNCE over the group's
+    hard negatives and the batch's other passages, with the teachers a dataset or the run adds
+    (distillation of the records' teacher scores, the embedding teacher's similarity structure
+    and GISTEmbed's guided masking). Its settings are the top level of ``loss:``."""
+
+    name = "infonce"
+    hard_negatives = True
+    teacher_scores = True
+    embedding_teacher = True
+
+    @classmethod
+    def fits_automatically(cls, records: Sequence[Record]) -> bool:
+        return True  # any pair records: the fallback after the more specific losses
+
+    def __init__(self, dataset: LoadedDataset, config: LossSettings, settings: Any, parts: LossParts) -> None:
+        super().__init__(dataset, config, settings, parts)
+        self.infonce = InfoNCELoss(config.temperature, config.symmetric, config.cross_device_negatives,
+                                   config.false_negative_margin)
+        self.guided = config.guided_masking
+        self.distill = (KLDistillLoss(config.temperature, config.teacher_temperature)
+                        if dataset.teacher is not None and config.distill_weight > 0 else None)
+        self.distill_weight = config.distill_weight
+        self.structure = (SimilarityStructureLoss(config.structure_kind, config.temperature, config.teacher_temperature)
+                          if config.structure_weight > 0 else None)
+        self.structure_weight = config.structure_weight
+
+    def __call__(self, queries: torch.Tensor, passages: torch.Tensor, scores: torch.Tensor | None = None,
+                 teacher: TeacherSignals | None = None) -> LossOutput:
+        ds = self.dataset
+        guide = None
+        if self.guided:
+            if teacher is None or teacher.query is None or teacher.passage is None:
+                raise ValueError(f"dataset {ds.name}: guided masking needs the teacher's vectors of the batch")
+            guide = (teacher.query, teacher.passage)
+        out = self.infonce(queries, passages, ds.group_size, ds.in_batch_negatives, ds.shared_queries, guide)
+        loss = out.loss
+        if self.distill is not None:
+            if teacher is None or teacher.scores is None:
+                raise ValueError(f"dataset {ds.name}: a distillation batch came without teacher scores")
+            loss = loss + self.distill_weight * self.distill(queries, passages, teacher.scores)
+        if self.structure is not None:
+            if teacher is None or teacher.similarity is None:
+                raise ValueError(f"dataset {ds.name}: a batch came without the teacher's similarities")
+            loss = loss + self.structure_weight * self.structure(queries, passages, teacher.similarity)
+        return LossOutput(loss, out.accuracy, out.masked)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from llmembed.losses.infonce import LossOutput
+from llmembed.losses.base import LossOutput
 
 
 def prefix(embeddings: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tensor:

@@ -7,49 +7,27 @@ the causal model's output layout: some input tokens are masked (BERT's 80% mask 
 random, 10% kept) and token ``i`` is predicted from the hidden state at position ``i - 1``,
 through the model's own (frozen) output embeddings. Only masked positions count.
 
-The masking is drawn per text from ``(seed, epoch, dataset, row)`` in the collator, like every
-other random choice of a batch, so runs resume exactly and ranks agree with one process.
+The masking is drawn in the collator (:mod:`llmembed.data.masking`), like every other random
+choice of a batch; this module holds the loss: the head that scores masked positions and the
+dataset loss that declares what MNTP needs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
-
-
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: set[int], mask_id: int,
-                vocab_size: int, probability: float, rngs: list[np.random.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked inputs, labels) for a padded batch, one generator per row. A position can be
-    chosen when it and the one before it are real tokens (its prediction is read there) and it
-    is no special token; each chosen one is replaced by ``mask_id`` (80%), a random token
-    (10%) or kept (10%), and its label is the original token; the rest are labelled ignore."""
-    masked, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE)
-    special = torch.tensor(sorted(special_ids), dtype=input_ids.dtype)
-    for row, rng in enumerate(rngs):
-        real = attention_mask[row].bool()
-        eligible = real.clone()
-        eligible[0] = False
-        eligible[1:] &= real[:-1]
-        eligible &= ~torch.isin(input_ids[row], special)
-        positions = eligible.nonzero().flatten().tolist()
-        chosen = [p for p, draw in zip(positions, rng.random(len(positions))) if draw < probability]
-        if not chosen and positions:  # every text teaches something
-            chosen = [positions[int(rng.integers(len(positions)))]]
-        for position in chosen:
-            labels[row, position] = input_ids[row, position]
-            action = rng.random()
-            if action < 0.8:
-                masked[row, position] = mask_id
-            elif action < 0.9:
-                masked[row, position] = int(rng.integers(vocab_size))
-    return masked, labels
+from llmembed.backbone import resolve_backbone_path
+from llmembed.config import bounded, check_ranges
+from llmembed.data.collate import BatchShape, LoadedDataset
+from llmembed.data.masking import IGNORE, TokenMasking
+from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings
+from llmembed.model import EmbeddingModel
 
 
 def mask_token_id(tokenizer, mask_token: str) -> int:
@@ -59,7 +37,7 @@ def mask_token_id(tokenizer, mask_token: str) -> int:
         return int(tokenizer.mask_token_id)
     ids = tokenizer(mask_token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"loss.mntp_mask_token {mask_token!r} is {len(ids)} tokens for this tokenizer; pick one token")
+        raise ValueError(f"loss.mntp.mask_token {mask_token!r} is {len(ids)} tokens for this tokenizer; pick one token")
     return int(ids[0])
 
 
@@ -102,3 +80,52 @@ class MNTPHead(nn.Module):
         loss = F.cross_entropy(logits, targets[chosen])
         accuracy = (logits.argmax(dim=-1) == targets[chosen]).float().mean()
         return loss, accuracy.detach()
+
+
+@dataclass
+class MNTPSettings:
+    """``loss.mntp``."""
+
+    # Share of eligible tokens masked (LLM2Vec's 0.2).
+    probability: float = bounded(0.2, gt=0.0, lt=1.0)
+    # The mask token for tokenizers without one (LLM2Vec uses "_" for Llama and Mistral).
+    mask_token: str = "_"
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+class MNTP(DatasetLoss):
+    """Masked next-token prediction on plain ``{"text"}`` records, scored on token states
+    through the model's frozen output embeddings. Never picked by ``loss: auto`` (it adapts a
+    model to bidirectional attention rather than teaching it embeddings)."""
+
+    name = "mntp"
+    batch_shape = BatchShape.TOKENS
+    text_only = True
+    settings_class = MNTPSettings
+
+    @classmethod
+    def prepare(cls, model: EmbeddingModel, settings: MNTPSettings, zero_stage: int, dataset: str) -> LossParts:
+        if not model.bidirectional:
+            raise ValueError(f"dataset {dataset} trains MNTP, which adapts a model to bidirectional attention: set "
+                             "model.backbone.bidirectional: true")
+        if zero_stage == 3:
+            raise ValueError(f"dataset {dataset} trains MNTP, which reads the whole output embeddings: use "
+                             "train.deepspeed=zero2")
+        head = MNTPHead(output_embeddings(model.base_model, resolve_backbone_path(model.config.backbone.name_or_path)))
+        tokenizer = model.tokenizer
+        masking = TokenMasking(mask_token_id(tokenizer, settings.mask_token), len(tokenizer), settings.probability,
+                               set(tokenizer.all_special_ids))
+        return LossParts(head, masking)
+
+    def __init__(self, dataset: LoadedDataset, config: LossSettings, settings: MNTPSettings,
+                 parts: LossParts) -> None:
+        super().__init__(dataset, config, settings, parts)
+        if parts.head is None:
+            raise ValueError(f"dataset {dataset.name} trains MNTP: its loss needs the model's MNTP head "
+                             "(MNTP.prepare)")
+        self.head = parts.head
+
+    def __call__(self, states: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        return LossOutput(*self.head(states, labels))

@@ -99,8 +99,11 @@ EXPORT_KIND = Kind("an llmembed export", folder=True, recognise=_looks_like_expo
 def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: str, instruction: str | None,
            verify: bool, vllm_python: str | None):
     """Write the export into ``out``; return the parity report (None without ``verify``)."""
+    # sentence-transformers loads slowly: only when an export is built.
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Transformer
+
+    from llmembed.serve.st_modules import st_pooling_module
 
     contract = model.contract
     if instruction is not None:
@@ -127,13 +130,7 @@ def _build(model: EmbeddingModel, model_dir: Path, out: Path, name: str, dtype: 
         module_output_name="token_embeddings",
         model_kwargs={"dtype": DTYPES[dtype], "attn_implementation": "sdpa"},
     )
-    if contract.pooling.kind == "latent_attention":
-        from llmembed.serve.st_modules import LatentAttentionPooling
-
-        pooling = LatentAttentionPooling.from_head(model.pooling)
-    else:
-        pooling = Pooling(model.pooling.hidden_size, pooling_mode=contract.st_pooling_mode(),
-                          include_prompt=contract.pooling.include_instruction)
+    pooling = st_pooling_module(model.pooling)
     modules = [transformer, pooling] + ([Normalize()] if contract.normalize else [])
     st = SentenceTransformer(
         modules=modules,
@@ -208,11 +205,11 @@ def _check_config(out: Path, contract: ServingContract) -> None:
 
 def model_card(name: str, contract: ServingContract, dtype: str) -> str:
     pooling = contract.pooling.kind
-    latent = pooling == "latent_attention"
+    own_module = contract.st_pooling_mode() is None  # our ST module: sentence-transformers must import it
     query_prefix, passage_prefix = contract.query_prefix(), contract.passage_prefix()
     st_load = (
-        f'SentenceTransformer("{name}", trust_remote_code=True)  # loads llmembed.serve.st_modules.LatentAttentionPooling'
-        if latent else f'SentenceTransformer("{name}")'
+        f'SentenceTransformer("{name}", trust_remote_code=True)  # imports its pooling module from llmembed.serve.st_modules'
+        if own_module else f'SentenceTransformer("{name}")'
     )
     attention = "causal" if contract.is_causal else "bidirectional (`is_causal: false` in config.json)"
     unsupported = contract.vllm_unsupported()

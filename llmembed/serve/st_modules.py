@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Module
+from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
 
 from llmembed.pooling import LatentAttentionPooling as _LatentHead
-from llmembed.pooling import PoolingConfig
+from llmembed.pooling import Pooling, PoolingConfig
 from llmembed.remote_code import check_no_remote_code
 from llmembed.st_layout import LATENT_MODULE_TYPE
 
@@ -40,7 +41,7 @@ class LatentAttentionPooling(Module):
         self.mlp_ratio = mlp_ratio
         self.include_prompt = include_prompt
         config = PoolingConfig(
-            kind="latent_attention",
+            kind=_LatentHead.kind,
             include_instruction=include_prompt,
             num_latents=num_latents,
             num_heads=num_heads,
@@ -87,6 +88,23 @@ class LatentAttentionPooling(Module):
         module = cls(**config)
         cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=module, **hub)
         return module
+
+
+# Our sentence-transformers module for each pooling that ST has no Pooling mode for
+# (``Pooling.st_pooling_mode`` is None), by pooling kind.
+OWN_MODULES: dict[str, type[Module]] = {_LatentHead.kind: LatentAttentionPooling}
+
+
+def st_pooling_module(head: Pooling) -> Module:
+    """The sentence-transformers module that computes what ``head`` computes: ST's own
+    ``Pooling`` where it has the mode, else our module carrying the head's weights."""
+    if head.st_pooling_mode is not None:
+        return STPooling(head.hidden_size, pooling_mode=head.st_pooling_mode,
+                         include_prompt=head.config.include_instruction)
+    if head.config.kind not in OWN_MODULES:
+        raise ValueError(f"{head.config.kind} pooling has neither a sentence-transformers Pooling mode nor a "
+                         "module in llmembed.serve.st_modules.OWN_MODULES")
+    return OWN_MODULES[head.config.kind].from_head(head)
 
 
 def load_sentence_transformer(folder: str | Path, trust_remote_code: bool = False, **kwargs: Any):

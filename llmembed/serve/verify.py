@@ -39,6 +39,7 @@ import numpy as np
 
 from llmembed.model import EmbeddingModel
 from llmembed.outputs import Kind, any_json_with, check_output, write_text
+from llmembed.pooling import POOLINGS
 from llmembed.remote_code import check_no_remote_code
 from llmembed.serving import ServingContract
 
@@ -289,23 +290,20 @@ def _transformers(export_dir: Path, contract: ServingContract, probes: list[Prob
 
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
     model = AutoModel.from_pretrained(str(export_dir), dtype="auto").eval()
+    pooling = POOLINGS[contract.pooling.kind]
     vectors, tokens = [], []
     for probe in probes:
         prefix = contract.query_prefix(probe.instruction) if probe.is_query else contract.passage_prefix()
         enc = tokenizer(prefix + probe.text, truncation=True, return_tensors="pt")
         with torch.inference_mode():
             hidden = model(**enc).last_hidden_state[0].float()
-        if contract.pooling.kind == "last_token":
-            vector = hidden[-1]
-        else:
-            skip = 0
-            if not contract.pooling.include_instruction and prefix:
-                prompt_ids = tokenizer(prefix)["input_ids"]
-                if prompt_ids and prompt_ids[-1] in tokenizer.all_special_ids:
-                    prompt_ids = prompt_ids[:-1]
-                skip = len(prompt_ids)
-            kept = hidden[skip:]  # empty when the prompt count covers the text: a zero vector, as in ST
-            vector = kept.mean(dim=0) if len(kept) else torch.zeros(hidden.shape[1])
+        skip = 0
+        if not contract.pooling.include_instruction and prefix:
+            prompt_ids = tokenizer(prefix)["input_ids"]
+            if prompt_ids and prompt_ids[-1] in tokenizer.all_special_ids:
+                prompt_ids = prompt_ids[:-1]
+            skip = len(prompt_ids)
+        vector = pooling.pool_by_hand(hidden, skip)
         if contract.output_dim is not None:
             vector = vector[: contract.output_dim]
         if contract.normalize:
@@ -380,10 +378,8 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
     widths = sorted(w for w in contract.matryoshka_dims or [] if w < ref_vectors.shape[1])
 
     runs = [("sentence-transformers", lambda: _sentence_transformers(export_dir, contract, probes, widths))]
-    if contract.pooling.kind == "latent_attention":
-        runs.append(("transformers", None))
-    else:
-        runs.append(("transformers", lambda: _transformers(export_dir, contract, probes, widths)))
+    by_hand = POOLINGS[contract.pooling.kind].by_hand
+    runs.append(("transformers", (lambda: _transformers(export_dir, contract, probes, widths)) if by_hand else None))
     runs.append(("vllm", (lambda: _vllm(export_dir, contract, probes, widths, vllm_python, vllm_timeout))
                  if vllm_python else None))
 
@@ -395,7 +391,7 @@ def verify(export_dir: str | Path, vllm_python: str | None = None, reference=Non
         results.append(result)
         if run is None:
             if name == "transformers":
-                result.skipped = "a plain forward has no latent-attention head"
+                result.skipped = f"a plain forward has no {contract.pooling.kind} head"
             else:
                 result.skipped = "no vLLM interpreter given (--vllm-python)"
             continue

@@ -35,7 +35,8 @@ class DatasetConfig:
     in_batch_negatives: bool = True
     # 1 positive + (group_size - 1) hard negatives per query; None uses data.group_size.
     group_size: int | None = bounded(None, ge=1)
-    # "auto": CoSENT when every record carries a score, InfoNCE otherwise.
+    # "auto": SimCSE for plain {"text"} records, CoSENT when every record carries a score, InfoNCE
+    # otherwise (llmembed.losses.router.LOSSES, asked in order).
     loss: str = "auto"
     # Distil a teacher's scores over each query's candidates (InfoNCE datasets): "embedding"
     # (the mining model's scores) or "reranker" (llmembed.mine --cross-encoder), read from the

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llmembed.losses.infonce import LossOutput
+from llmembed.losses.base import LossOutput
 
 Batch = dict[str, torch.Tensor]
 Encode = Callable[[Batch, Batch], tuple[torch.Tensor, torch.Tensor]]

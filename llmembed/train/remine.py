@@ -97,8 +97,8 @@ class RankShardedEncoder:
 
 
 def eligible(ds: LoadedDataset) -> bool:
-    """Datasets whose groups carry hard negatives: InfoNCE with a group above 1."""
-    return ds.loss == "infonce" and ds.group_size > 1
+    """Datasets whose groups carry hard negatives: a loss that takes them, with a group above 1."""
+    return ds.loss.hard_negatives and ds.group_size > 1
 
 
 class HardNegativeRefresher:

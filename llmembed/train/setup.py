@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from llmembed.backbone import resolve_dtype
-from llmembed.data.collate import ContrastiveCollator, LoadedDataset, MNTPMasking, teacher_scores
+from llmembed.data.collate import ContrastiveCollator, LoadedDataset, teacher_scores
 from llmembed.data.readers import ReadReport, read_jsonl
-from llmembed.data.schema import is_plain_text
 from llmembed.data.sampling import HomogeneousBatchSampler, record_lengths
+from llmembed.losses.base import LossParts
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel, EmbeddingModelConfig
 from llmembed.outputs import Kind, check_output
@@ -124,17 +124,17 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
                              ignore_unknown_keys=config.data.ignore_unknown_keys)
         if not records:
             raise ValueError(f"{where} has no valid records")
-        loss = choose_loss(ds.loss, [r.score is not None for r in records], where,
-                           [is_plain_text(r) for r in records])
-        # CoSENT compares (query, positive) pairs and SimCSE two views of a text: no hard negatives.
-        group = 1 if loss in ("cosent", "simcse", "mntp") else (ds.group_size or config.data.group_size)
+        loss = choose_loss(ds.loss, records, where)
+        # Losses without hard negatives compare one passage per query (CoSENT's pairs, SimCSE's views).
+        group = (ds.group_size or config.data.group_size) if loss.hard_negatives else 1
         teacher = None
         if ds.teacher_scores is not None:
-            if loss != "infonce":
-                raise ValueError(f"{where}: teacher_scores distils over hard negatives; it needs the infonce loss")
+            if not loss.teacher_scores:
+                raise ValueError(f"{where}: teacher_scores distils over hard negatives; loss {loss.name} does not "
+                                 "take them (use infonce)")
             teacher = teacher_scores(records, ds.teacher_scores, where)
         loaded.append(LoadedDataset(ds.name or Path(ds.path).stem, records, ds.instruction, ds.in_batch_negatives,
-                                    group, loss, teacher, shared_queries=config.data.balanced_ranks and loss == "infonce"))
+                                    group, loss, teacher, shared_queries=config.data.balanced_ranks and loss.hard_negatives))
     return loaded, report
 
 
@@ -171,35 +171,19 @@ def build_model(config: TrainConfig, ds_config: dict[str, Any]) -> tuple[Embeddi
     return model, hf_ds
 
 
-def mntp_parts(config: TrainConfig, datasets: list[LoadedDataset], model: EmbeddingModel,
-               ds_config: dict[str, Any]) -> tuple[torch.nn.Module | None, MNTPMasking | None]:
-    """The MNTP head and masking settings when a dataset trains MNTP (else None, None), after
-    the checks that make it meaningful: bidirectional attention, whole weights (ZeRO-2)."""
-    names = [d.name for d in datasets if d.loss == "mntp"]
-    if not names:
-        return None, None
-    from llmembed.backbone import resolve_backbone_path
-    from llmembed.losses.mntp import MNTPHead, mask_token_id, output_embeddings
-
-    if not model.bidirectional:
-        raise ValueError(f"dataset {names[0]} trains MNTP, which adapts a model to bidirectional attention: set "
-                         "model.backbone.bidirectional: true")
-    if zero_stage(ds_config) == 3:
-        raise ValueError(f"dataset {names[0]} trains MNTP, which reads the whole output embeddings: use "
-                         "train.deepspeed=zero2")
-    head = MNTPHead(output_embeddings(model.base_model, resolve_backbone_path(config.model.backbone.name_or_path)))
-    tokenizer = model.tokenizer
-    masking = MNTPMasking(mask_token_id(tokenizer, config.loss.mntp_mask_token), len(tokenizer),
-                          config.loss.mntp_probability, set(tokenizer.all_special_ids))
-    return head, masking
+def loss_parts(config: TrainConfig, datasets: list[LoadedDataset], model: EmbeddingModel,
+               ds_config: dict[str, Any]) -> list[LossParts]:
+    """Per dataset, its loss's checks of the model and what it takes from it (one preparation
+    per loss class, shared by its datasets)."""
+    made: dict[type, LossParts] = {}
+    for ds in datasets:
+        if ds.loss not in made:
+            made[ds.loss] = ds.loss.prepare(model, config.loss.settings_of(ds.loss), zero_stage(ds_config), ds.name)
+    return [made[ds.loss] for ds in datasets]
 
 
-def has_dropout(model: torch.nn.Module) -> bool:
-    """Whether training-mode forwards are random: a dropout layer (LoRA's among them) or
-    attention dropout in the backbone's config."""
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    return any(float(getattr(getattr(m, "config", None), "attention_dropout", 0) or 0) > 0 for m in model.modules())
+def _on_device(parts: LossParts, device: torch.device) -> LossParts:
+    return replace(parts, head=parts.head.to(device)) if parts.head is not None else parts
 
 
 def _scheduler_factory(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
@@ -346,11 +330,8 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         print(f"skipped {report.skipped_total} invalid record(s): {dict(report.skipped)}")
     ds_config = build_ds_config(config, world_size, resolve_dtype(config.model.backbone.dtype) == torch.bfloat16)
     model, hf_ds = build_model(config, ds_config)
-    simcse = [d.name for d in datasets if d.loss == "simcse"]
-    if simcse and not has_dropout(model):
-        raise ValueError(f"dataset {simcse[0]} trains SimCSE, whose two views differ only by dropout, and the model "
-                         "has none: set model.lora.dropout (e.g. 0.1) or model.backbone.attention_dropout")
-    mntp_head, masking = mntp_parts(config, datasets, model, ds_config)
+    parts = loss_parts(config, datasets, model, ds_config)
+    masking = next((p.masking for p in parts if p.masking is not None), None)
     # Before DeepSpeed starts: a bad data length fails in seconds, not after engine setup.
     teacher = None
     if config.loss.structure_weight > 0 or config.loss.guided_masking:
@@ -360,7 +341,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     collator = ContrastiveCollator(model.text_tokenizer, datasets, seed=opt.seed,
                                    query_max_length=config.data.query_max_length,
                                    passage_max_length=config.data.passage_max_length, teacher_encoder=teacher,
-                                   rank=rank, world_size=world_size, mntp_masking=masking)
+                                   rank=rank, world_size=world_size, token_masking=masking)
     sampler = HomogeneousBatchSampler(
         [len(d.records) for d in datasets],
         [ds.weight for ds in config.data.datasets],
@@ -382,5 +363,5 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     if refresher is not None and start_step > 0:
         refresher.load(checkpoints / f"{checkpoint.TAG_PREFIX}{start_step}")
     return TrainSetup(config, rank, world_size, engine, scheduler, model, datasets, report, sampler, collator,
-                      LossRouter(datasets, config.loss, mntp_head.to(engine.device) if mntp_head is not None else None,
+                      LossRouter(datasets, config.loss, [_on_device(p, engine.device) for p in parts],
                                  model.contract.normalize), total_steps, start_step, refresher, hf_ds, run_lock)

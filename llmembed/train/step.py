@@ -19,8 +19,9 @@ from torch import nn
 
 from llmembed.data.sampling import BatchRef
 from llmembed.distributed import all_reduce_mean
-from llmembed.losses.infonce import LossOutput
-from llmembed.losses.router import LossRouter, TeacherSignals
+from llmembed.data.collate import BatchShape
+from llmembed.losses.base import LossOutput, TeacherSignals
+from llmembed.losses.router import LossRouter
 from llmembed.train.grad_cache import cached_backward, split_chunks
 from llmembed.model import EmbeddingModel
 from llmembed.packing import packed_size, require_block_mask_support
@@ -158,8 +159,9 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
         ref = next(batches)
         batch = collate(ref)
         query = _to(batch["query"], device)
-        if "labels" in batch:  # MNTP: a token-level loss over the texts' token states
-            out = losses(batch["dataset"])(engine(query), batch["labels"].to(device))
+        loss = losses(batch["dataset"])
+        if loss.batch_shape is BatchShape.TOKENS:  # a token-level loss over the texts' token states
+            out = loss(engine(query), batch["labels"].to(device))
             engine.backward(out.loss)
             padded += engine.module.processed_tokens
             real += int(query["attention_mask"].sum())
@@ -171,7 +173,6 @@ def optimizer_step(engine: Any, batches: Iterator[BatchRef], collate: Callable[[
                 scores_t, query_t, passage_t = (batch[k].to(device) if k in batch else None
                                                 for k in ("teacher_scores", "teacher_query", "teacher_passage"))
                 teacher = TeacherSignals(scores_t, query=query_t, passage=passage_t)
-            loss = losses(batch["dataset"])
 
             def batch_loss(q: torch.Tensor, p: torch.Tensor) -> LossOutput:
                 return loss(q, p, scores, teacher)
