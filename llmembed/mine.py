@@ -39,6 +39,7 @@ import numpy as np
 
 from llmembed.argtypes import float_in, int_at_least
 from llmembed.data import DataError, Record, read_jsonl
+from llmembed.data.readers import json_lines
 from llmembed.data.schema import parse_record
 from llmembed.model import model_inputs
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
@@ -158,24 +159,17 @@ def read_corpus(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
-            if isinstance(item, dict) and "text" in item:
-                if not isinstance(item["text"], str) or not item["text"].strip():
-                    raise DataError(f"{path}:{number}: field 'text': expected a non-empty string")
-                texts.append(item["text"])
-                continue
-            try:
-                record = parse_record(item)
-            except DataError as err:
-                raise DataError(f"{path}:{number}: {err} (a corpus line is {{\"text\": ...}} or a record)") from None
-            texts.extend(record.positives + record.negatives)
+    for number, item in json_lines(path):
+        if isinstance(item, dict) and "text" in item:
+            if not isinstance(item["text"], str) or not item["text"].strip():
+                raise DataError(f"{path}:{number}: field 'text': expected a non-empty string")
+            texts.append(item["text"])
+            continue
+        try:
+            record = parse_record(item)
+        except DataError as err:
+            raise DataError(f"{path}:{number}: {err} (a corpus line is {{\"text\": ...}} or a record)") from None
+        texts.extend(record.positives + record.negatives)
     return list(dict.fromkeys(texts))
 
 

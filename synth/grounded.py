@@ -22,13 +22,13 @@ Each record keeps its seed passage's id, the query kind and its parameters in ``
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from llmembed.data.readers import json_lines
 from synth.backends import ChatRequest
 from synth.filters import RecordFilter, normalise
 from synth.parse import ParseError, parse_object, validate
@@ -89,31 +89,24 @@ def read_passages(path: str | Path) -> list[Passage]:
     passages: list[Passage] = []
     seen_text: set[str] = set()
     seen_id: set[str] = set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(item, dict) or "text" not in item:
-                raise ValueError(f'{path}:{number}: expected {{"text": ...}} or {{"id": ..., "text": ...}}')
-            text = item["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{number}: field 'text': expected a non-empty string")
-            pid = item.get("id", f"line{number}")
-            if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-                raise ValueError(f"{path}:{number}: field 'id': expected a string or an integer")
-            pid = str(pid)
-            if pid in seen_id:
-                raise ValueError(f"{path}:{number}: field 'id': {pid!r} appears on an earlier line")
-            seen_id.add(pid)
-            key = normalise(text)
-            if key in seen_text:
-                continue
-            seen_text.add(key)
-            passages.append(Passage(pid, text.strip()))
+    for number, item in json_lines(path):
+        if not isinstance(item, dict) or "text" not in item:
+            raise ValueError(f'{path}:{number}: expected {{"text": ...}} or {{"id": ..., "text": ...}}')
+        text = item["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{number}: field 'text': expected a non-empty string")
+        pid = item.get("id", f"line{number}")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise ValueError(f"{path}:{number}: field 'id': expected a string or an integer")
+        pid = str(pid)
+        if pid in seen_id:
+            raise ValueError(f"{path}:{number}: field 'id': {pid!r} appears on an earlier line")
+        seen_id.add(pid)
+        key = normalise(text)
+        if key in seen_text:
+            continue
+        seen_text.add(key)
+        passages.append(Passage(pid, text.strip()))
     if not passages:
         raise ValueError(f"--corpus {path}: no passages")
     return passages

@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from llmembed.data.readers import json_lines
 from llmembed.data.schema import DataError, parse_record
 from llmembed.outputs import Kind, check_output, folder_with, staged_folder
 from synth.filters import RecordFilter
@@ -110,11 +111,8 @@ def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: boo
     rejected: Counter = Counter()
     total = 0
     for path in files:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, record in json_lines(path):
             try:
-                record = json.loads(line)
                 parse_record(record, ignore_unknown_keys=True)
             except (ValueError, DataError) as err:
                 raise ValueError(f"{path}:{number}: {err}") from None

@@ -39,6 +39,7 @@ import numpy as np
 
 from llmembed.argtypes import int_at_least
 from llmembed.data import DataError
+from llmembed.data.readers import json_lines
 from llmembed.mine import EmbeddingCache, build_index
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
 from synth.backends import Backend, BackendError, create_backend
@@ -184,13 +185,7 @@ def read_synth_records(path: Path) -> tuple[list[dict], Path | None]:
         raise DataError(f"{path}: no such file or folder")
     records = []
     for file in files:
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{file}:{number}: not valid JSON ({err})") from None
+        for number, record in json_lines(file):
             if not isinstance(record, dict) or not isinstance(record.get("query"), str):
                 raise DataError(f"{file}:{number}: field 'query': expected a record with a query string")
             records.append(record)

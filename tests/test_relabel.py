@@ -202,7 +202,7 @@ def test_corpus_mode_generates_grounded_records_and_resumes(tmp_path, default_di
 
 def test_corpus_input_errors_name_file_line_and_field(tmp_path):
     cases = {
-        '{"text": "a"}\nnot json\n': ":2: not valid JSON",
+        '{"text": "a"}\nnot json\n': ":2: malformed JSON",
         '{"text": ""}\n': ":1: field 'text'",
         '{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n': ":2: field 'id'",
         '{"body": "a"}\n': ':1: expected {"text"',

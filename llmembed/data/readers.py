@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llmembed.data.schema import DataError, Record, parse_record
 
@@ -26,6 +28,36 @@ class ReadReport:
         return sum(self.skipped.values())
 
 
+def decode_json_line(raw: bytes | str) -> Any:
+    """One JSONL line's value; :class:`DataError` (without a location: callers add file and
+    line) when it is not UTF-8 or not JSON."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"not valid UTF-8 (byte {err.start})") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSONL file; a line that is not
+    UTF-8 JSON raises :class:`DataError` as ``file:line: ...``. What the values must be is the
+    caller's to check (and to report with the same ``file:line`` prefix)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = decode_json_line(raw)
+            except DataError as err:
+                raise DataError(f"{path}:{number}: {err}") from None
+            yield number, value
+
+
 def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None,
                ignore_unknown_keys: bool = False) -> list[Record]:
     """All records of ``path``. A bad line raises :class:`DataError` (``file:line: ...``), or is
@@ -40,15 +72,7 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport 
             if not raw.strip():
                 continue
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"not valid UTF-8 (byte {err.start})") from None
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"malformed JSON ({err.msg} at column {err.colno})") from None
-                records.append(parse_record(obj, ignore_unknown_keys))
+                records.append(parse_record(decode_json_line(raw), ignore_unknown_keys))
                 report.kept += 1
             except DataError as err:
                 message = f"{path}:{number}: {err}"
