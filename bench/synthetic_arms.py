@@ -126,7 +126,7 @@ class Bench:
     def train(self, data: Path, name: str, teacher_scores: str | None = None,
               recipe: tuple[str, ...] = ("loss.teacher_model=null", "loss.structure_weight=0"), seed: int = 42) -> Path:
         """Train the main job's config on ``data``; ``recipe``: overrides of it (default: no teacher)."""
-        from launch.pipeline import final_model_dir
+        from launch.stages.training import final_model_dir
 
         run_dir = self.out / f"run-{name}"
         overrides = [f"checkpoint.output_dir={run_dir}", f"train.epochs={self.args.epochs}", f"train.seed={seed}",

@@ -13,6 +13,10 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from llmembed.data.readers import json_lines_with_text
+from llmembed.data.schema import DataError
+from llmembed.outputs import write_text
+
 _SPACE = re.compile(r"\s+")
 _PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
 
@@ -107,3 +111,42 @@ class RecordFilter:
 
     def _text(self, query: str, positive: str) -> str:
         return query if self.query_only else f"{query} {positive}"
+
+
+_LETTERS = re.compile(r"[^\W\d_]", re.UNICODE)
+
+
+def text_check(query: str, positive: str) -> str | None:
+    """Why a pair fails the cheap text checks that run before any teacher, or None: enough
+    length and letters, mostly distinct words, query and positive not the same text. These
+    catch what a small generator writes when it fails ("boolean" / "true", arithmetic, one word
+    repeated)."""
+    query = query.strip()
+    words = positive.split()
+    if len(query) < 8 or len(positive) < 20:
+        return "too_short"
+    if sum(1 for c in query + positive if _LETTERS.match(c)) < 0.6 * len(query + positive):
+        return "few_letters"
+    if len(words) >= 8 and len(set(words)) < 0.4 * len(words):
+        return "repetitive"
+    if query.lower() == positive.strip().lower():
+        return "query_equals_positive"
+    return None
+
+
+def text_check_file(source: Path, target: Path) -> Counter:
+    """Copy the records of ``source`` that pass :func:`text_check` (on the query and the first
+    positive) to ``target``, line for line; returns the rejections by reason."""
+    kept, dropped = [], Counter()
+    for number, line, record in json_lines_with_text(source):
+        if not isinstance(record, dict) or not isinstance(record.get("query"), str) or "positive" not in record:
+            raise DataError(f"{source}:{number}: field 'query': expected a record with a query and a positive")
+        positive = record["positive"] if isinstance(record["positive"], str) else record["positive"][0]
+        reason = text_check(record["query"], positive)
+        if reason is None:
+            kept.append(line)  # the line as written: the filter copies, it does not rewrite
+        else:
+            dropped[reason] += 1
+    write_text(target, "".join(line + "\n" for line in kept))
+    print(f"text checks: kept {len(kept)}, dropped {dict(dropped)}")
+    return dropped
