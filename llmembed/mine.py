@@ -42,6 +42,7 @@ from llmembed.data import DataError, Record, read_jsonl
 from llmembed.data.readers import json_lines
 from llmembed.data.schema import parse_record
 from llmembed.model import model_inputs
+from llmembed.serve.encoders import EncoderError, load_cross_encoder, load_encoder
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
 
 logger = logging.getLogger("llmembed.mine")
@@ -383,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llmembed.serve.encoders import EncoderError, load_cross_encoder, load_encoder
-
     out = Path(args.out)
     try:
         inputs = [args.input, args.corpus, args.cross_encoder,

@@ -30,6 +30,7 @@ import yaml
 
 from llmembed.data.readers import json_lines
 from synth.backends import ChatRequest
+from synth.backends.base import BackendError, model_path
 from synth.filters import RecordFilter, normalise
 from synth.parse import ParseError, parse_object, validate
 from synth.pipeline import PASSAGES_FILE, Pipeline, Settings, _rng, _seed
@@ -244,8 +245,6 @@ def token_cutter(model: str, max_tokens: int | None):
     to as many words where the model is only a name on a server."""
     if not max_tokens:
         return None
-    from synth.backends.base import BackendError, model_path
-
     try:
         path = model_path(model)
     except BackendError:

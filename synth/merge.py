@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from llmembed.argtypes import float_in
 from llmembed.data.readers import json_lines
 from llmembed.data.schema import DataError, parse_record
 from llmembed.outputs import Kind, check_output, folder_with, staged_folder
@@ -134,8 +135,6 @@ def merge(out: Path, into: Path, heldout_share: float = 0.05, allow_partial: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmembed.argtypes import float_in
-
     parser = argparse.ArgumentParser(prog="python -m synth.merge", description=__doc__.split("\n\n")[1])
     parser.add_argument("--out", required=True, help="the synth --out folder every part wrote into")
     parser.add_argument("--into", help="where to write the merged set (default: OUT/merged)")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmembed import runlock
+from llmembed.data.schema import parse_record
 from llmembed.outputs import STAGING_TAG, Kind, check_output
 from synth.backends import Backend, ChatRequest
 from synth.filters import RecordFilter, normalise
@@ -395,6 +396,4 @@ def asdict_taxonomy(tax: Taxonomy) -> dict:
 
 def _validate(record: dict) -> None:
     """Every record must load in the trainer's reader unchanged."""
-    from llmembed.data.schema import parse_record
-
     parse_record(record)

@@ -42,7 +42,9 @@ from llmembed.data import DataError
 from llmembed.data.readers import json_lines
 from llmembed.mine import EmbeddingCache, build_index
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
+from llmembed.serve.encoders import EncoderError, folder_fingerprint, load_encoder
 from synth.backends import Backend, BackendError, create_backend
+from synth.backends.base import model_path
 from synth.grounded import Passage, load_query_kinds, read_passages
 from synth.judge import DEFAULT_LABEL, LIKELIHOOD_CONTEXT, NO, RELEVANCE_CONTEXT, YES, Judge, fused_order
 from synth.pipeline import PASSAGES_FILE
@@ -235,9 +237,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
     """What the judge's scores depend on: the LLM's weights, the backend and its dtype, the prompts."""
-    from llmembed.serve.encoders import folder_fingerprint
-    from synth.backends.base import model_path
-
     path = Path(model_path(args.model))
     weights = folder_fingerprint(path) if path.is_dir() else str(path)  # a hub id: its name
     return json.dumps({"weights": weights, "backend": args.backend, "dtype": args.dtype, "relevance": args.relevance,
@@ -247,8 +246,6 @@ def judge_fingerprint(args: argparse.Namespace, backend: Backend) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llmembed.serve.encoders import EncoderError, load_encoder
-
     out = Path(args.out)
     try:
         settings = RelabelSettings(candidates=args.candidates, relevance=args.relevance,

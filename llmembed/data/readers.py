@@ -46,6 +46,13 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for every non-blank line of a JSONL file; a line that is not
     UTF-8 JSON raises :class:`DataError` as ``file:line: ...``. What the values must be is the
     caller's to check (and to report with the same ``file:line`` prefix)."""
+    for number, _, value in json_lines_with_text(path):
+        yield number, value
+
+
+def json_lines_with_text(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """Like :func:`json_lines`, with each line's text as written (for filters that copy lines
+    rather than rewrite them)."""
     path = Path(path)
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -55,7 +62,7 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
                 value = decode_json_line(raw)
             except DataError as err:
                 raise DataError(f"{path}:{number}: {err}") from None
-            yield number, value
+            yield number, raw.decode("utf-8").rstrip("\r\n"), value
 
 
 def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None,

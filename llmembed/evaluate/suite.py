@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmembed.data import read_jsonl
 from llmembed.data.packaged import INSTRUCTION as CHATTERBOT_INSTRUCTION
 from llmembed.data.packaged import chatterbot_pairs, split
 
@@ -117,8 +118,6 @@ def chatterbot_heldout(language: str) -> RetrievalData:
 
 
 def records_heldout(path: str | Path) -> RetrievalData:
-    from llmembed.data import read_jsonl
-
     records = read_jsonl(path)
     if not records:
         raise SuiteError(f"{path}: no records to evaluate")

@@ -18,7 +18,11 @@ from typing import Any
 import torch
 
 from llmembed.config import bounded, check_ranges
+from llmembed.evaluate import runner
 from llmembed.evaluate.suite import SUITE
+from llmembed.serve.encoders import TextEncoder
+from llmembed.train import checkpoint
+from llmembed.train.save import save_model
 
 
 @dataclass
@@ -57,11 +61,6 @@ class TrainingEvaluator:
 
     def run(self, step: int, engine: Any, model: Any, run_log: Any) -> float:
         """Score the in-memory model at ``step``; log it; keep it if it is the best so far."""
-        from llmembed.serve.encoders import TextEncoder
-        from llmembed.evaluate import runner
-        from llmembed.train import checkpoint
-        from llmembed.train.save import save_model
-
         numbers, tensors = checkpoint.rng_state()
         try:
             with torch.no_grad():

@@ -31,6 +31,9 @@ import torch
 
 from llmembed.config import bounded, check_ranges
 from llmembed.data.collate import LoadedDataset
+from llmembed.mine import MineSettings, mine, read_corpus
+from llmembed.serve.encoders import TextEncoder
+from llmembed.train import checkpoint
 
 STATE_FILE = "remine_state.json"
 
@@ -112,8 +115,6 @@ class HardNegativeRefresher:
             if not eligible(ds):
                 continue
             if config.corpus is not None:
-                from llmembed.mine import read_corpus
-
                 corpus = read_corpus(config.corpus)
             else:
                 corpus = list(dict.fromkeys(t for r in ds.records for t in (*r.positives, *r.negatives)))
@@ -155,10 +156,6 @@ class HardNegativeRefresher:
     def refresh(self, model: Any, step: int) -> int:
         """Re-mine every stale record with ``model`` (the in-memory model being trained);
         returns how many got new negatives. Every rank calls it at the same step."""
-        from llmembed.serve.encoders import TextEncoder
-        from llmembed.mine import MineSettings, mine
-        from llmembed.train import checkpoint
-
         stale = self.stale()
         if not stale:
             return 0

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmembed.lora import is_peft_model
 from llmembed.model import EmbeddingModel
 
 
@@ -21,8 +22,6 @@ def save_model(engine: Any, model: EmbeddingModel, folder: Path, rank: int) -> N
     consolidated by DeepSpeed; only rank 0 writes."""
     import deepspeed
     import torch.distributed as dist
-
-    from llmembed.lora import is_peft_model
 
     if engine.zero_optimization_stage() == 3:
         if is_peft_model(model.backbone):
