@@ -76,6 +76,13 @@ def save_tiny(folder: Path, family: str = "llama", tokenizer_dir: Path | None = 
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, default_dir) -> Path:
+    """The trainer tests' tiny Llama (hidden 64) with SmolLM2's real tokenizer."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-train"), "llama", default_dir, vocab_size=49152,
+                     hidden_size=64, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, default_dir) -> Path:
     """Tiny Llama with SmolLM2's real tokenizer (vocab 49,152); head_dim 64 so vLLM's CPU
     attention kernels accept it."""

@@ -6,16 +6,9 @@ import json
 
 import pytest
 
-from .conftest import save_tiny
 from .train_utils import launch, metrics, write_config, write_pairs
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    return save_tiny(tmp_path_factory.mktemp("tiny-cli"), "llama", default_dir, vocab_size=49152,
-                     hidden_size=64, heads=4, kv_heads=2)
 
 
 def test_bad_record_stops_with_file_and_line_unless_skipped(tiny_dir, tmp_path):

@@ -13,7 +13,6 @@ from llmembed.serve.export import export
 from llmembed.model import EmbeddingModel
 from llmembed.train import checkpoint
 
-from .conftest import save_tiny
 from .train_utils import (
     TOPICS,
     launch,
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.integration
 PROBE = {"queries": ["tell me about the river number 3", "tell me about the piano"],
          "passages": ["This passage describes the river in detail.", "Unrelated text on coffee."],
          "instruction": "Retrieve the passage"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    return save_tiny(tmp_path_factory.mktemp("tiny-train"), "llama", default_dir, vocab_size=49152,
-                     hidden_size=64, heads=4, kv_heads=2)
 
 
 def _cos(a, b):
