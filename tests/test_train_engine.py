@@ -451,3 +451,50 @@ def test_a_grad_cache_run_resumed_from_a_checkpoint_replays_the_same_steps(tiny_
     assert [m["step"] for m in resumed] == [m["step"] for m in straight] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(resumed, straight, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (resumed, straight)
+
+
+@pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_world_size_with_the_same_global_batch(tiny_dir, tmp_path, saved_on, resumed_on):
+    """Killed after a checkpoint on N processes, resumed on M with the per-process batch that
+    keeps the global batch (8): the same batches (the data order is a function of the step and
+    the global batch), the optimizer state re-partitioned through DeepSpeed's universal
+    checkpoint, and the losses of an uninterrupted run. Not bit-identical: N processes x B
+    gather their embeddings before the loss, which sums in another order than one process x NB
+    (the same 1e-5 as test_cross_device_negatives_equal_one_big_batch); with dropout the ranks'
+    random streams would differ too, so dropout is off."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 96)
+    steps = list(range(1, 9))
+    runs = {}
+    for name in ("straight", "moved"):
+        (tmp_path / name).mkdir()
+        runs[name] = write_config(tmp_path / name, tiny_dir, [data], train={"max_steps": len(steps),
+                                  "per_device_batch_size": 8 // saved_on},
+                                  checkpoint={"output_dir": str(tmp_path / name / "run"), "save_every": 2})
+    launch(runs["straight"], procs=saved_on)
+    reference = metrics(tmp_path / "straight" / "run")
+    run_dir = tmp_path / "moved" / "run"
+
+    def past_a_checkpoint() -> bool:
+        tag = checkpoint.latest_tag(run_dir / "checkpoints")
+        logged = logged_steps(run_dir)
+        return tag is not None and bool(logged) and logged[-1] > int(tag.removeprefix(checkpoint.TAG_PREFIX))
+
+    launch_and_kill(runs["moved"], past_a_checkpoint, procs=saved_on, extra=["--resume", "auto"])
+    assert not (run_dir / "final").exists()
+
+    # The saved per-process batch on the new world size: another global batch, refused in one line.
+    wrong = launch(runs["moved"], procs=resumed_on, check=False, extra=["--resume", "auto"])
+    assert wrong.returncode != 0, wrong.stdout[-3000:]  # (torchrun adds its own report of the rank's exit)
+    assert f"error: --resume: {run_dir / 'checkpoints'}" in wrong.stdout and f"this run has {resumed_on} x {8 // saved_on}: set train.per_device_batch_size={8 // resumed_on}" in wrong.stdout
+
+    out = launch(runs["moved"], procs=resumed_on,
+                 extra=["--resume", "auto", "--set", f"train.per_device_batch_size={8 // resumed_on}"]).stdout
+    resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", out).group(1))
+    assert 2 <= resumed_from < len(steps), out[-3000:]
+    assert f"was saved by {saved_on} process(es); loading it on {resumed_on} through DeepSpeed's universal" in out
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == steps
+    for a, b in zip(resumed, reference, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (resumed, reference)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, b["grad_norm"]), (resumed, reference)
+        assert a["lr"] == b["lr"]

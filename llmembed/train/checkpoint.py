@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmembed.train.safe_load import weights_only_torch_load
+from llmembed.train.universal import UNIVERSAL_DIR, universal_copy
+
 TAG_PREFIX = "step-"
+# The world size and per-process batch a checkpoint was saved with: a resume on another world
+# size keeps the global batch (and so the data order) and loads the universal form.
+SHAPE_FILE = "run_shape.json"
 logger = logging.getLogger("llmembed.train")
 
 
@@ -66,7 +72,8 @@ def save(engine, root: Path, step: int, rank: int, keep_last: int, files: dict[s
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensors_file))
     numbers_file.write_text(json.dumps(numbers))
     if rank == 0:
-        for name, text in (files or {}).items():
+        shape = {"world_size": _world_size(), "per_device_batch_size": engine.train_micro_batch_size_per_gpu()}
+        for name, text in {SHAPE_FILE: json.dumps(shape), **(files or {})}.items():
             (root / tag / name).write_text(text)
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     if rank == 0:
@@ -79,6 +86,7 @@ def save(engine, root: Path, step: int, rank: int, keep_last: int, files: dict[s
         tags = sorted((p for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir()), key=lambda p: int(p.name[len(TAG_PREFIX):]))
         for old in tags[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(root / UNIVERSAL_DIR / old.name, ignore_errors=True)
     return root / tag
 
 
@@ -108,9 +116,51 @@ def resume_candidates(root: Path) -> list[str]:
     return [latest] + [t for t in tags if _step(t) < _step(latest)]
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def saved_shape(folder: Path) -> dict | None:
+    """The world size and per-process batch a checkpoint was saved with (None: saved before
+    checkpoints recorded it)."""
+    path = folder / SHAPE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_shape(root: Path, tag: str, per_device_batch_size: int, world_size: int, saved_config: dict | None) -> None:
+    """Refuse, in one line and before anything loads, a resume whose global batch differs from
+    the checkpoint's: its data order (a function of the step and the global batch) would not
+    continue the run's."""
+    shape = saved_shape(root / tag)
+    if shape is None:  # an older checkpoint: its config holds the per-process batch, not the world size
+        saved = ((saved_config or {}).get("train") or {}).get("per_device_batch_size", per_device_batch_size)
+        if saved != per_device_batch_size:
+            raise ValueError(f"--resume: {root / tag} does not record its world size; resume it with its "
+                             f"train.per_device_batch_size ({saved})")
+        return
+    saved_global = shape["world_size"] * shape["per_device_batch_size"]
+    if saved_global != world_size * per_device_batch_size:
+        fit = (f"set train.per_device_batch_size={saved_global // world_size}" if saved_global % world_size == 0
+               else f"use a world size that divides {saved_global}")
+        raise ValueError(f"--resume: {root / tag} was saved by {shape['world_size']} process(es) x batch "
+                         f"{shape['per_device_batch_size']} (global batch {saved_global}); this run has "
+                         f"{world_size} x {per_device_batch_size}: {fit}, so the run sees the same batches")
+
+
 def load(engine, root: Path, tag: str, rank: int) -> int:
-    _, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+    """Load a checkpoint into ``engine``; one saved on another world size loads through its
+    universal form (:mod:`llmembed.train.universal`, converted once by rank 0)."""
+    shape = saved_shape(root / tag)
+    if shape is not None and shape["world_size"] != _world_size():
+        if rank == 0:
+            print(f"{root / tag} was saved by {shape['world_size']} process(es); loading it on {_world_size()} "
+                  "through DeepSpeed's universal checkpoint")
+        client_state = _load_universal(engine, root, tag, rank)
+    else:
+        _, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
     if client_state is None:
         raise RuntimeError(f"checkpoint {root / tag} could not be loaded")
     numbers_file, tensors_file = _rng_files(root / tag, rank)
@@ -121,12 +171,39 @@ def load(engine, root: Path, tag: str, rank: int) -> int:
     return int(client_state["step"])
 
 
+def _load_universal(engine, root: Path, tag: str, rank: int) -> dict | None:
+    import torch.distributed as dist
+
+    problem = ""
+    if rank == 0:
+        try:
+            universal_copy(root, tag)
+        except Exception as err:  # every rank must learn it, or the others wait forever
+            problem = str(err)
+    ok = torch.tensor([0 if problem else 1])
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise RuntimeError(problem or f"{root / tag}: rank 0 could not convert it to a universal checkpoint")
+    # DeepSpeed reads the universal form when its config says so; the flag is set for this
+    # load only, so later checkpoints are saved (and read) in the usual form.
+    engine._config.load_universal_checkpoint = True
+    try:
+        with weights_only_torch_load():
+            _, client_state = engine.load_checkpoint(str(root / UNIVERSAL_DIR), tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    return client_state
+
+
 CONFIG_FILE = "train_config.json"  # the run's full config, beside its checkpoints
 # Sections that change where and how often a run writes, not what it computes.
 _RESUMABLE_CHANGES = ("checkpoint", "logging", "evaluation")
 # The run's length: stopping a run early or extending it is a resume (the LR schedule then
-# follows the new length from the resumed step on).
-_RESUMABLE_KEYS = ("train.max_steps", "train.epochs")
+# follows the new length from the resumed step on). The per-process batch changes with the
+# world size; the global batch must not (check_shape).
+_RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.per_device_batch_size")
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -143,6 +220,11 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif old != new:
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
+
+
+def saved_config(output_dir: Path) -> dict | None:
+    saved_file = output_dir / CONFIG_FILE
+    return json.loads(saved_file.read_text()) if saved_file.is_file() else None
 
 
 def check_same_run(output_dir: Path, current: dict) -> None:

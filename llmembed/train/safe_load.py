@@ -11,7 +11,9 @@ The list was taken from real ZeRO-2 and ZeRO-3 checkpoints (fp32 and bf16) with
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,3 +61,22 @@ def use_weights_only_loading(engine: Any) -> None:
         safe = WeightsOnlyCheckpointEngine(None)
         safe.zipfile_serialization = current.zipfile_serialization
         engine.checkpoint_engine = safe
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Within the block every ``torch.load`` reads weights only (the allowed classes above),
+    whatever its caller asked: for DeepSpeed code that calls ``torch.load(weights_only=False)``
+    itself (its universal-checkpoint conversion and loading) instead of through the engine."""
+    original = torch.load
+
+    def safe(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed_classes()):
+            return original(*args, **kwargs)
+
+    torch.load = safe
+    try:
+        yield
+    finally:
+        torch.load = original

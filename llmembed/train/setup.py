@@ -321,9 +321,12 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
     # Rank 0 writes every file of the run; its lock is the run's.
     run_lock = lock_output_dir(Path(config.checkpoint.output_dir)) if rank == 0 else None
     checkpoints = Path(config.checkpoint.output_dir) / "checkpoints"
-    if resume is not None and checkpoint.resume_candidates(checkpoints):  # before anything slow
-        checkpoint.check_same_run(Path(config.checkpoint.output_dir), asdict(config))
     opt = config.train
+    candidates = checkpoint.resume_candidates(checkpoints) if resume is not None else []
+    if candidates:  # before anything slow
+        checkpoint.check_same_run(Path(config.checkpoint.output_dir), asdict(config))
+        checkpoint.check_shape(checkpoints, candidates[0] if resume == "auto" else resume, opt.per_device_batch_size,
+                               world_size, checkpoint.saved_config(Path(config.checkpoint.output_dir)))
     seed_everything(opt.seed)
     datasets, report = load_datasets(config, skip_invalid)
     if report.skipped_total and rank == 0:
