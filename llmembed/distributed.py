@@ -52,3 +52,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= size
     return value
+
+
+def leave_process_group() -> None:
+    """Every rank leaves the process group together at the end of a run. A process that exits
+    with the group still up can abort in teardown ("terminate called without an active
+    exception" from a communication thread), turning a finished run into a failed launch."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
