@@ -3,7 +3,10 @@
     .venv/bin/python bench/vs_sentence_transformers.py [--steps 24] [--rounds 2] [--batch 8]
 
 Same model (the built-in default SmolLM2-135M-Instruct with LoRA r16, mean pooling, normalised),
-same data (the packaged chatterbot training pairs: question -> answer, in-batch negatives),
+same inputs (sentence-transformers loads our export of the untrained model: plain text, no chat
+template, the same prompt and cut, so every pair is the same tokens on both sides; checked on
+the first 256 pairs before anything trains, and the real tokens per pair of each run are in the
+table), same data (the packaged chatterbot training pairs: question -> answer, in-batch negatives),
 same batch size, the same 64-token cut, the same E5-style instruction on queries, the same
 temperature (scale 20), learning rate and schedule, the same number of steps, one process.
 Runs, each a fresh process, are interleaved (each of our setups, ST MNRL, ST cached MNRL; then
@@ -57,8 +60,43 @@ def ours_overrides(grouped: bool, buckets: int, pack_tokens: int | None) -> list
     return [x for s in settings for x in ("--set", s)]
 
 
-def train_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> None:
-    """One sentence-transformers run (in this process); writes ``out/metrics.json``."""
+def plain_text_models(work: Path) -> tuple[Path, Path]:
+    """The untrained default model saved by llmembed, and its export, which sentence-transformers
+    loads as plain text (the export drops the chat template ST would otherwise wrap every text
+    in) with our query prompt and the bench's cut."""
+    from llmembed import BackboneConfig, EmbeddingModel, EmbeddingModelConfig, PoolingConfig, PromptConfig
+    from llmembed.serve.export import export
+
+    ours, theirs = work / "untrained", work / "untrained-st"
+    config = EmbeddingModelConfig(backbone=BackboneConfig("default"), pooling=PoolingConfig(kind="mean"),
+                                  prompts=PromptConfig(default_instruction=INSTRUCTION), max_length=MAX_LENGTH)
+    EmbeddingModel.build(config).save(ours)
+    export(ours, theirs, verify=False)
+    return ours, theirs
+
+
+def tokens_per_pair(ours: Path, theirs: Path, data: Path, pairs: int = 256) -> tuple[float, float]:
+    """Mean real tokens of a (query, positive) pair as each side tokenises the first ``pairs``
+    pairs; the bench refuses to run when they differ."""
+    from sentence_transformers import SentenceTransformer
+
+    from llmembed import EmbeddingModel
+
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()][:pairs]
+    queries = [r["query"] for r in rows]
+    passages = [r["positive"] if isinstance(r["positive"], str) else r["positive"][0] for r in rows]
+    tokenizer = EmbeddingModel.load(ours).text_tokenizer
+    own = (tokenizer(queries, INSTRUCTION, is_query=True, max_length=MAX_LENGTH)["attention_mask"].sum()
+           + tokenizer(passages, is_query=False, max_length=MAX_LENGTH)["attention_mask"].sum())
+    st = SentenceTransformer(str(theirs), device="cpu")
+    other = (st.preprocess([QUERY_PROMPT + q for q in queries])["attention_mask"].sum()
+             + st.preprocess(passages)["attention_mask"].sum())
+    return float(own) / len(rows), float(other) / len(rows)
+
+
+def train_st(start: Path, data: Path, out: Path, steps: int, batch: int, cached: bool) -> None:
+    """One sentence-transformers run (in this process) from the export ``start``; writes
+    ``out/metrics.json``."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType
@@ -67,19 +105,14 @@ def train_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> Non
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                    MultipleNegativesRankingLoss)
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import TrainerCallback
-
-    from llmembed.resolve import resolve_model_path
 
     torch.manual_seed(42)
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     dataset = Dataset.from_dict({"anchor": [r["query"] for r in rows],
                                  "positive": [r["positive"] if isinstance(r["positive"], str) else r["positive"][0]
                                               for r in rows]})
-    transformer = Transformer(resolve_model_path("default"), max_seq_length=MAX_LENGTH)
-    model = SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"),
-                                         Normalize()], device="cpu", prompts={"query": QUERY_PROMPT})
+    model = SentenceTransformer(str(start), device="cpu")  # our export: plain text, mean pooling, normalised
     model.add_adapter(LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=16, lora_alpha=32, lora_dropout=0.0,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"]))
@@ -114,13 +147,14 @@ def train_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> Non
     samples = (marks[-1][0] - marks[1][0]) * batch
     (out / "metrics.json").write_text(json.dumps({
         "samples_per_s": samples / (t1 - t0), "tokens_per_s": (p1 - p0) / (t1 - t0),
-        "padding_share": 1 - (r1 - r0) / max(p1 - p0, 1)}))
+        "padding_share": 1 - (r1 - r0) / max(p1 - p0, 1), "real_tokens_per_sample": (r1 - r0) / samples}))
 
 
-def run_st(data: Path, out: Path, steps: int, batch: int, cached: bool) -> tuple[dict, float]:
+def run_st(start: Path, data: Path, out: Path, steps: int, batch: int, cached: bool) -> tuple[dict, float]:
     """``train_st`` in a fresh process; returns its metrics and peak RSS (GiB)."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--st-run", str(data), str(out), str(steps), str(batch), str(int(cached))]
+    cmd = [sys.executable, __file__, "--st-run", str(start), str(data), str(out), str(steps), str(batch),
+           str(int(cached))]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryFile(mode="w+") as stderr:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
@@ -149,11 +183,11 @@ def main() -> int:
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS), metavar="SETUP",
                         help=f"a subset of {SETUPS} (must include 'ST MNRL', the reference)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vs_sentence_transformers.md")
-    parser.add_argument("--st-run", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--st-run", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.st_run:
-        data, out, steps, batch, cached = args.st_run
-        train_st(Path(data), Path(out), int(steps), int(batch), cached == "1")
+        start, data, out, steps, batch, cached = args.st_run
+        train_st(Path(start), Path(data), Path(out), int(steps), int(batch), cached == "1")
         return 0
     if "ST MNRL" not in args.setups:
         parser.error("--setups must include 'ST MNRL', the reference")
@@ -165,6 +199,12 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(work / "data")],
                        check=True, stdout=subprocess.DEVNULL)
         data = work / "data" / "train.jsonl"
+        ours_start, st_start = plain_text_models(work)
+        own_tokens, st_tokens = tokens_per_pair(ours_start, st_start, data)
+        if own_tokens != st_tokens:
+            raise SystemExit(f"unequal inputs: {own_tokens:.2f} real tokens per pair here, {st_tokens:.2f} in "
+                             "sentence-transformers")
+        print(f"inputs: {own_tokens:.2f} real tokens per pair on both sides (first 256 pairs)", flush=True)
         for round_ in range(args.rounds):
             for setup in setups:
                 name = f"r{round_}-{SETUPS.index(setup)}"
@@ -173,35 +213,43 @@ def main() -> int:
                     rows, peak = run(args.batch, args.steps, 1, data, work, extra, name)
                     samples, tokens = rates(rows)
                     padding = rows[-1]["padding_share"]  # every step's processed tokens
+                    processed = rows[-1]["tokens_per_s"] * rows[-1]["elapsed_s"]
+                    real = processed * (1 - padding) / (rows[-1]["step"] * args.batch)
                     final = work / name / "final"
                 else:
-                    metrics, peak = run_st(data, work / name, args.steps, args.batch, setup == "ST CachedMNRL")
+                    metrics, peak = run_st(st_start, data, work / name, args.steps, args.batch,
+                                           setup == "ST CachedMNRL")
                     samples, tokens, padding = metrics["samples_per_s"], metrics["tokens_per_s"], metrics["padding_share"]
+                    real = metrics["real_tokens_per_sample"]
                     final = work / name / "final"
-                results[setup].append((samples, tokens, padding, peak))
+                results[setup].append((samples, tokens, padding, peak, real))
                 finals.setdefault(setup, final)
-                print(f"round {round_ + 1}: {setup:<26} {samples:6.2f} samples/s {tokens:8.1f} tokens/s "
-                      f"padding {padding:5.1%} peak RSS {peak:5.2f} GiB", flush=True)
+                print(f"round {round_ + 1}: {setup:<32} {samples:6.2f} samples/s {tokens:8.1f} tokens/s "
+                      f"padding {padding:5.1%} real tokens/sample {real:5.1f} peak RSS {peak:5.2f} GiB", flush=True)
         quality = {} if args.no_quality else {s: suite_scores(finals[s], work / f"scores-{i}.json")
                                               for i, s in enumerate(setups)}
-    write_report(args, results, quality)
+    write_report(args, results, quality, own_tokens)
     return 0
 
 
-def write_report(args, results, quality) -> None:
+def write_report(args, results, quality, tokens_per_pair_both: float) -> None:
     mnrl = statistics.mean(r[0] for r in results["ST MNRL"])
     tasks = sorted({t for scores in quality.values() for t in scores})
-    head = "| setup | samples/s | tokens/s | padding | peak RSS GiB | vs ST MNRL |" + "".join(f" {t} |" for t in tasks)
+    head = ("| setup | samples/s | tokens/s | padding | real tokens/sample | peak RSS GiB | vs ST MNRL |"
+            + "".join(f" {t} |" for t in tasks))
     lines = [f"Same work on {os.cpu_count()} CPU cores, one process: built-in default + LoRA r16, mean pooling, "
              f"packaged chatterbot pairs, batch {args.batch}, {MAX_LENGTH}-token cut, E5 instruction on queries, "
              f"scale 20, lr {LR}, {args.steps} steps; rates after step 2; {args.rounds} interleaved rounds (each "
-             "value listed); suite scores of the first round's models.", "", head,
-             "|" + "---|" * (6 + len(tasks))]
+             "value listed); suite scores of the first round's models. Equal inputs: sentence-transformers "
+             f"loads our export of the untrained model (plain text, no chat template); both sides tokenise the "
+             f"first 256 pairs to {tokens_per_pair_both:.2f} real tokens per pair. Real tokens per sample of a "
+             "run differ only by the batches each side draws.", "", head,
+             "|" + "---|" * (7 + len(tasks))]
     for setup, values in results.items():
         speed = statistics.mean(v[0] for v in values)
         row = (f"| {setup} | {' / '.join(f'{v[0]:.2f}' for v in values)} | "
                f"{' / '.join(f'{v[1]:.0f}' for v in values)} | {statistics.mean(v[2] for v in values):.1%} | "
-               f"{max(v[3] for v in values):.2f} | {speed / mnrl:.2f}x |")
+               f"{statistics.mean(v[4] for v in values):.1f} | {max(v[3] for v in values):.2f} | {speed / mnrl:.2f}x |")
         row += "".join(f" {quality[setup][t]:.4f} |" for t in tasks) if quality else ""
         lines.append(row)
     plt = write_table(args.out, lines)
