@@ -1,7 +1,7 @@
 """Training steps of a 7B-shaped embedding model on one GPU: tokens/s, peak memory, model FLOPs
 utilisation, padded against packed, for each attention implementation at hand.
 
-    python bench/gpu_step.py                                  # a GPU: writes bench/results/gpu_step.md
+    python bench/gpu_step.py --pipeline-step                  # a GPU: writes bench/results/gpu_step.md
     python bench/gpu_step.py --shape tiny --device cpu --steps 3 --out /tmp/gpu_step.md   # smoke run
 
 What runs is our training step without DeepSpeed (one device): the model is Mistral-7B's shape
@@ -17,6 +17,10 @@ Model FLOPs per step count the forward (2 x parameters per token, plus attention
 4 x layers x hidden x context) and the backward to the inputs (twice the forward; the frozen
 weights get no gradient, the LoRA weights' are negligible), not the recomputation of
 checkpointing; utilisation divides by the device's dense bf16 peak (a table below, by name).
+
+``--pipeline-step`` also saves the random backbone (14 GB for the 7B shape, in a temporary folder
+removed afterwards) and trains one step of ``launch/configs/pipeline_gpu.yaml`` on it through
+``launch/train.py`` under DeepSpeed (ZeRO-3), as the GPU pipeline runs it; that part needs deepspeed.
 
 A bare GPU machine needs only torch, transformers, peft, safetensors, numpy and pyyaml (llmembed's
 core dependencies; no deepspeed, no sentence-transformers, no tokenizer package or model files:
@@ -65,7 +69,7 @@ def word_tokenizer():
                                    eos_token="</s>", pad_token="<pad>")
 
 
-def build(shape: str, attn: str, device: torch.device, dtype: torch.dtype) -> EmbeddingModel:
+def random_backbone(shape: str, attn: str, device: torch.device, dtype: torch.dtype):
     from transformers import MistralConfig, MistralModel
 
     config = MistralConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation=attn)
@@ -74,9 +78,14 @@ def build(shape: str, attn: str, device: torch.device, dtype: torch.dtype) -> Em
     torch.set_default_dtype(dtype)  # built in bf16 on the device: no fp32 copy of 7B weights
     try:
         with device:
-            backbone = MistralModel(config)
+            return MistralModel(config)
     finally:
         torch.set_default_dtype(default)
+
+
+def build(shape: str, attn: str, device: torch.device, dtype: torch.dtype) -> EmbeddingModel:
+    backbone = random_backbone(shape, attn, device, dtype)
+    config = backbone.config
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = apply_lora(backbone, LoraSettings(r=16, alpha=32, dropout=0.0))
     model_config = EmbeddingModelConfig(backbone=BackboneConfig("random", attn_implementation=attn),
@@ -150,6 +159,56 @@ def run(model: EmbeddingModel, pack_tokens: int | None, args: argparse.Namespace
     return result
 
 
+def pipeline_step(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> str:
+    """One optimizer step of the GPU recipe's config (``launch/configs/pipeline_gpu.yaml``:
+    DeepSpeed ZeRO-3, bf16, LoRA r16, gradient checkpointing) on the random backbone saved to
+    disk, through ``launch/train.py`` as the pipeline runs it; returns the table's line."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="llmembed-gpu-step-"))
+    try:
+        return _pipeline_step(args, device, dtype, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a saved 7B backbone is 14 GB
+
+
+def _pipeline_step(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, work: Path) -> str:
+    import json
+    import subprocess
+
+    backbone = random_backbone(args.shape, "sdpa", device, dtype)
+    backbone.save_pretrained(work / "backbone", safe_serialization=True)
+    word_tokenizer().save_pretrained(work / "backbone")
+    del backbone
+    generator = torch.Generator().manual_seed(2)
+    with open(work / "pairs.jsonl", "w") as handle:
+        for _ in range(4 * args.batch):
+            size = lambda: int(torch.randint(args.lengths[0], args.lengths[1] + 1, (1,), generator=generator))  # noqa: E731
+            handle.write(json.dumps({"query": " ".join(["a"] * max(1, size() // 4)), "positive": " ".join(["a"] * size()),
+                                     "negatives": [" ".join(["a"] * size())]}) + "\n")
+    overrides = [f"model.backbone.name_or_path={work / 'backbone'}", "train.max_steps=1", "logging.log_every=1",
+                 f"train.per_device_batch_size={args.batch}", f"checkpoint.output_dir={work / 'run'}",
+                 f"data.datasets=[{{path: {work / 'pairs.jsonl'}, name: random, group_size: 2}}]"]
+    if device.type != "cuda":  # a smoke run: CPU has no bf16 kernels worth timing
+        overrides.append("model.backbone.dtype=float32")
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", str(REPO / "launch" / "train.py"),
+               "--config", str(REPO / "launch" / "configs" / "pipeline_gpu.yaml"),
+               *(arg for o in overrides for arg in ("--set", o))]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        print(result.stdout[-4000:] + result.stderr[-4000:], file=sys.stderr)
+        return f"One step of `launch/configs/pipeline_gpu.yaml` on it: **failed** (exit {result.returncode}, {seconds:.0f} s)."
+    row = json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    return (f"One step of `launch/configs/pipeline_gpu.yaml` on it (DeepSpeed ZeRO-3, launch/train.py, batch "
+            f"{args.batch}): exit 0 in {seconds:.0f} s with start-up, loss {row['loss']:.4f}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mistral-7b")
@@ -161,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--attn", nargs="+", default=None, help="default: sdpa, and flash_attention_2 if installed")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_step.md")
+    parser.add_argument("--pipeline-step", action="store_true",
+                        help="also run one step of launch/configs/pipeline_gpu.yaml on the backbone (needs deepspeed)")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
@@ -192,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     for attn, mode, r in rows:
         lines.append(f"| {attn} | {mode} | {r['step_s']:.3f} | {r['real_tokens_per_s']:.0f} | {r['padding']:.1%} | "
                      f"{r['peak_gib']:.1f} | {r['tflops']:.1f} | {r['mfu']:.1%} |")
+    if args.pipeline_step:
+        lines += ["", pipeline_step(args, device, dtype)]
+        print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"table: {args.out}")
