@@ -44,6 +44,16 @@ class LossConfig(LossSettings):
         return getattr(self, loss.name) if loss.settings_class is not None else None
 
 
+# Registration is checked when the module loads: a loss with settings has its section, of its
+# settings class, in LossConfig (else a config could never set them and settings_of would fail).
+for _loss in LOSSES:
+    _section = LossConfig.__dataclass_fields__.get(_loss.name)
+    if _loss.settings_class is not None and (_section is None or _section.type not in
+                                             (_loss.settings_class, _loss.settings_class.__name__)):
+        raise TypeError(f"{_loss.__name__} has settings ({_loss.settings_class.__name__}): give LossConfig a "
+                        f"field {_loss.name}: {_loss.settings_class.__name__}")
+
+
 def loss_class(name: str, where: str = "loss") -> type[DatasetLoss]:
     """The registered loss called ``name``."""
     for loss in LOSSES:
