@@ -15,6 +15,8 @@ for arg in "$@"; do
 done
 stamp=$(cat pyproject.toml launch/setup_env.sh | sha256sum | cut -c1-16)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# No wheel cache: the environments hold about 7 GB already, and a fresh CI machine's disk is small.
+export PIP_NO_CACHE_DIR=1
 
 if [ "$(cat .venv/.llmembed-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] building .venv"

@@ -4,6 +4,7 @@ tiny random decoders of each supported family saved as real HF folders."""
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +28,26 @@ def _llmembed_cache(tmp_path_factory):
         os.environ.pop("LLMEMBED_CACHE", None)
     else:
         os.environ["LLMEMBED_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """Fresh folders for one module's shared fixtures, removed once its tests are done.
+
+    ``tmp_path_factory.mktemp`` folders live until the session ends; a whole run's worth of
+    exports and checkpoints filled a CI machine's disk. ``module_tmp("name")`` gives a new
+    folder under this module's own, which goes when the module does."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        folder = root / f"{name}{len(made)}"
+        folder.mkdir()
+        made.append(folder)
+        return folder
+
+    yield make
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

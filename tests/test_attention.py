@@ -14,8 +14,8 @@ IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    return {f: save_tiny(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in FAMILIES}
+def family_dirs(module_tmp):
+    return {f: save_tiny(module_tmp(f"tiny-{f}"), f) for f in FAMILIES}
 
 
 def _hidden(model, ids, mask=None):

@@ -39,8 +39,8 @@ SYNTH_MERGE = ["-m", "synth.merge"]
 
 
 @pytest.fixture(scope="module")
-def workspace(tiny_llama_dir, tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("mistakes")
+def workspace(tiny_llama_dir, module_tmp) -> Path:
+    ws = module_tmp("mistakes")
     trained_model(tiny_llama_dir, "last_token", False).save(ws / "model")
     export(ws / "model", ws / "export", verify=False)
     write_pairs(ws / "pairs.jsonl", 16)

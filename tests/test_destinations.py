@@ -26,10 +26,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_llama_dir, tmp_path_factory) -> Path:
+def ws(tiny_llama_dir, module_tmp) -> Path:
     from synth.pipeline import Pipeline, Settings
 
-    ws = tmp_path_factory.mktemp("destinations")
+    ws = module_tmp("destinations")
     shutil.copytree(tiny_llama_dir, ws / "backbone")
     trained_model(ws / "backbone", "last_token", False).save(ws / "model")
     export(ws / "model", ws / "export", verify=False)

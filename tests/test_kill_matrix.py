@@ -89,8 +89,8 @@ def _check_kills(tmp_path, inputs: list[Path], command, out_of, moments) -> None
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("kill-models")
+def models(tiny_llama_dir, module_tmp):
+    folder = module_tmp("kill-models")
     for seed in (1, 2):
         model = trained_model(tiny_llama_dir, "mean", False)
         import torch

@@ -46,11 +46,11 @@ def test_lengths_must_match_the_datasets():
 
 
 @pytest.fixture(scope="module")
-def chatterbot(tmp_path_factory):
+def chatterbot(module_tmp):
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("chatterbot")
+    out = module_tmp("chatterbot")
     subprocess.run([sys.executable, "-m", "llmembed.data.packaged", "chatterbot", "--out", str(out)], check=True,
                    capture_output=True)
     return out / "train.jsonl"

@@ -24,13 +24,13 @@ def _cos(a, b):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_llama_dir, tmp_path_factory):
+def trained(tiny_llama_dir, module_tmp):
     config = EmbeddingModelConfig(backbone=BackboneConfig(str(tiny_llama_dir), dtype="float32"),
                                   pooling=PoolingConfig("mean"), lora=LoraSettings(r=4, alpha=8, dropout=0.0),
                                   matryoshka_dims=[16, 128])
     model = EmbeddingModel.build(config)
     perturb_trained_weights(model, seed=5)
-    folder = tmp_path_factory.mktemp("matryoshka") / "model"
+    folder = module_tmp("matryoshka") / "model"
     model.save(folder)
     return folder
 

@@ -37,8 +37,8 @@ def _cos(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
+def runs(tiny_llama_dir, module_tmp):
+    root = module_tmp("merge")
     # Different LoRA ranks: adapters are merged into the backbone before the models are mixed.
     return _trained(tiny_llama_dir, root / "a", seed=1, r=4), _trained(tiny_llama_dir, root / "b", seed=2, r=8)
 

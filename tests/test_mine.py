@@ -173,7 +173,7 @@ def test_replacing_the_backbone_a_trained_folder_names_invalidates_the_cache(tin
 
 
 @pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory):
+def cross_encoder(module_tmp):
     """A small random BERT reranker (one label) with the packaged encoder's real tokenizer,
     loaded through sentence-transformers' CrossEncoder: what the option runs, untrained."""
     import torch
@@ -181,7 +181,7 @@ def cross_encoder(tmp_path_factory):
 
     from llmembed.serve.encoders import load_cross_encoder
 
-    folder = tmp_path_factory.mktemp("reranker")
+    folder = module_tmp("reranker")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, num_labels=1, initializer_range=0.5)

@@ -17,8 +17,8 @@ TEXTS = ["a", "what is the capital of France?", "Paris is the capital and the la
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory, default_dir):
-    return {f: save_tiny(tmp_path_factory.mktemp(f"pack-{f}"), f, default_dir, vocab_size=49152, hidden_size=64,
+def family_dirs(module_tmp, default_dir):
+    return {f: save_tiny(module_tmp(f"pack-{f}"), f, default_dir, vocab_size=49152, hidden_size=64,
                          heads=2, kv_heads=1) for f in FAMILIES}
 
 

@@ -23,8 +23,8 @@ PAYLOAD = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
 @pytest.fixture(scope="module")
-def clean_export(tiny_llama_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("remote-code")
+def clean_export(tiny_llama_dir, module_tmp):
+    tmp = module_tmp("remote-code")
     trained_model(tiny_llama_dir, "last_token", False).save(tmp / "trained")
     return export(tmp / "trained", tmp / "export", verify=False)
 

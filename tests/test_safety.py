@@ -22,8 +22,8 @@ from .test_export import trained_model
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_llama_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("safety") / "trained"
+def trained(tiny_llama_dir, module_tmp):
+    folder = module_tmp("safety") / "trained"
     trained_model(tiny_llama_dir, "last_token", False).save(folder)
     return folder
 

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("xgrammar") is None, re
 
 
 @pytest.fixture(scope="module")
-def random_lm(tmp_path_factory, default_dir):
-    return save_tiny(tmp_path_factory.mktemp("tiny-lm"), "llama", default_dir, vocab_size=49152, hidden_size=64,
+def random_lm(module_tmp, default_dir):
+    return save_tiny(module_tmp("tiny-lm"), "llama", default_dir, vocab_size=49152, hidden_size=64,
                      heads=4, kv_heads=2)
 
 

@@ -23,8 +23,8 @@ def _run_verify(folder, *extra):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_llama_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("verify")
+def exported(tiny_llama_dir, module_tmp):
+    tmp = module_tmp("verify")
     model = trained_model(tiny_llama_dir, "last_token", False)
     model.save(tmp / "trained")
     return export(tmp / "trained", tmp / "export", verify=False)
