@@ -10,6 +10,10 @@ which has no reduce-scatter.
 
 from __future__ import annotations
 
+import datetime
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -54,10 +58,66 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def leave_process_group() -> None:
-    """Every rank leaves the process group together at the end of a run. A process that exits
-    with the group still up can abort in teardown ("terminate called without an active
-    exception" from a communication thread), turning a finished run into a failed launch."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def leave_group_and_exit() -> None:
+    """Every rank leaves the process group together at the end of a run, and a process of a
+    group of several then ends at once, without the interpreter's teardown.
+
+    That teardown aborts now and then in a C++ thread's destructor ("terminate called without
+    an active exception", exit -6: seen on a rank of a 2-process run whose work was done, with
+    the group already left), and the launcher then reports a finished run as failed. Callers
+    have written and closed everything by now; standard streams and logging are flushed here."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    several = dist.get_world_size() > 1
+    dist.barrier()
+    dist.destroy_process_group()
+    if several:
+        import logging
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a job split over ``count`` processes launched like training
+    (torchrun or deepspeed set ``RANK`` and ``WORLD_SIZE``): work item ``n`` is this process's
+    when ``n % count == index``. The first process leads: it waits for the others' shares and
+    finishes the job alone."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def leads(self) -> bool:
+        return self.index == 0
+
+    def owns(self, item: int) -> bool:
+        return item % self.count == self.index
+
+    @classmethod
+    def from_launcher(cls) -> "Shard":
+        """One process: ``Shard()``. Several: joins their process group (gloo, CPU), with a
+        day's timeout, since the leader's wait at :meth:`wait_for_all` lasts as long as the
+        slowest share of the encoding."""
+        count = int(os.environ.get("WORLD_SIZE", "1"))
+        if count == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def wait_for_all(self) -> None:
+        if self.count > 1:
+            dist.barrier()
+
+    def total(self, value: int) -> int:
+        """``value`` summed over the processes (each counts its own share)."""
+        if self.count == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return int(tensor.item())

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, ValueError, OSError) as err:  # OSError: a path that cannot be read or written
             print(f"error: {f'stage {stage.name}: ' if stage.name else ''}{err}", file=sys.stderr)
             return 2
-    from llmembed.distributed import leave_process_group
+    from llmembed.distributed import leave_group_and_exit
 
-    leave_process_group()
+    leave_group_and_exit()
     return 0
