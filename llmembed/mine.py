@@ -19,7 +19,10 @@ order, and the positive-aware rule and ``--min-positive-score`` read its scores.
 score are written to ``meta.mining``.
 
 Embeddings are cached on disk in chunks named by a fingerprint of the model and the texts, so a
-rerun (or a killed run, rerun) encodes nothing twice. The output keeps the shared record
+rerun (or a killed run, rerun) encodes nothing twice. Launched like training
+(``torchrun --nproc_per_node N -m llmembed.mine ...``, or ``deepspeed --module``), the processes
+share the encoding by chunks of that cache, each writing its own; the first then searches,
+reranks and writes alone. The output keeps the shared record
 schema; the scores go to ``meta.mining`` for distillation.
 """
 
@@ -41,6 +44,7 @@ from llmembed.argtypes import float_in, int_at_least
 from llmembed.data import DataError, Record, read_jsonl
 from llmembed.data.readers import json_lines
 from llmembed.data.schema import parse_record
+from llmembed.distributed import Shard, leave_group_and_exit
 from llmembed.model import model_inputs
 from llmembed.serve.encoders import EncoderError, load_cross_encoder, load_encoder
 from llmembed.outputs import Kind, any_json_with, check_output, staged_file, write_text
@@ -78,6 +82,7 @@ class MineReport:
     records_short_of_negatives: int = 0
     encoded: int = 0
     from_cache: int = 0
+    encoded_here: int = 0  # by this process, when several share the encoding
     pairs_scored: int = 0  # by the cross-encoder
     pairs_from_cache: int = 0
 
@@ -94,7 +99,11 @@ class EmbeddingCache:
     """Vectors of one text list under one model, stored as ``chunk-NNNNN.npy`` files in a folder
     named by the fingerprint of both. Each chunk is written atomically once; a rerun loads the
     finished chunks and encodes only the missing ones. ``encoded`` and ``from_cache`` count the
-    texts of each kind."""
+    texts of each kind.
+
+    Several processes share the encoding through the folder: each fills the chunks its
+    :class:`~llmembed.distributed.Shard` owns (:meth:`fill`), and once they all have, the leader
+    loads every chunk (:meth:`load`)."""
 
     def __init__(self, root: Path | None, model_fingerprint: str, role: str, texts: Sequence[str],
                  chunk_size: int) -> None:
@@ -108,28 +117,58 @@ class EmbeddingCache:
         self.chunk_size = chunk_size
         self.encoded = 0
         self.from_cache = 0
+        self._in_memory: dict[int, np.ndarray] = {}  # chunks of a cache without a folder
 
     def embeddings(self, encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        parts = []
+        """Every text's vector, in one process."""
+        self.fill(encode)
+        return self.load()
+
+    def _chunks(self) -> list[tuple[int, list[str]]]:
+        return [(number, self.texts[start : start + self.chunk_size])
+                for number, start in enumerate(range(0, len(self.texts), self.chunk_size))]
+
+    def _path(self, number: int) -> Path | None:
+        return self.folder / f"chunk-{number:05d}.npy" if self.folder is not None else None
+
+    def _cached(self, number: int, rows: int) -> np.ndarray | None:
+        path = self._path(number)
+        if path is None or not path.is_file():
+            return self._in_memory.get(number)
+        try:
+            chunk = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # a damaged chunk is encoded again
+        return chunk if chunk.shape[0] == rows else None
+
+    def fill(self, encode: Callable[[list[str]], np.ndarray], shard: Shard = Shard()) -> None:
+        """Encode the chunks ``shard`` owns that are not cached yet."""
+        if shard.count > 1 and self.folder is None:
+            raise ValueError("several processes share an embedding cache through its folder: give one")
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-        for number, start in enumerate(range(0, len(self.texts), self.chunk_size)):
-            texts = self.texts[start : start + self.chunk_size]
-            path = self.folder / f"chunk-{number:05d}.npy" if self.folder is not None else None
-            if path is not None and path.is_file():
-                try:
-                    chunk = np.load(path, allow_pickle=False)
-                except (OSError, ValueError):
-                    chunk = None  # a damaged chunk is encoded again
-                if chunk is not None and chunk.shape[0] == len(texts):
-                    parts.append(chunk)
-                    self.from_cache += len(texts)
-                    continue
+        for number, texts in self._chunks():
+            if not shard.owns(number):
+                continue
+            if self._cached(number, len(texts)) is not None:
+                self.from_cache += len(texts)
+                continue
             chunk = np.asarray(encode(texts), dtype=np.float32)
             self.encoded += len(texts)
-            if path is not None:
-                with staged_file(path, "wb") as handle:
-                    np.save(handle, chunk, allow_pickle=False)
+            path = self._path(number)
+            if path is None:
+                self._in_memory[number] = chunk
+                continue
+            with staged_file(path, "wb") as handle:
+                np.save(handle, chunk, allow_pickle=False)
+
+    def load(self) -> np.ndarray:
+        """Every chunk, in order (all filled: by this process, or by every shard)."""
+        parts = []
+        for number, texts in self._chunks():
+            chunk = self._cached(number, len(texts))
+            if chunk is None:
+                raise RuntimeError(f"embedding cache {self.folder}: chunk {number} is missing or damaged")
             parts.append(chunk)
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
@@ -194,13 +233,17 @@ class Judged:
 
 
 def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
-         cache_dir: Path | None = None, progress: bool = False, reranker=None) -> tuple[list[Record], MineReport]:
+         cache_dir: Path | None = None, progress: bool = False, reranker=None,
+         shard: Shard = Shard()) -> tuple[list[Record], MineReport]:
     """Mined copies of ``records`` and the counts (see the module docstring): candidates from
     the embedding search, judged (by ``reranker``, a :class:`llmembed.serve.encoders.PairScorer`, when
     given: negatives then come in its order, and the positive-aware rule and
-    ``min_positive_score`` read its scores), then selected."""
+    ``min_positive_score`` read its scores), then selected. With several processes (``shard``)
+    they share the encoding and the leader does the rest: the others return no records."""
     report = MineReport(records_in=len(records))
-    candidates = find_candidates(records, corpus, encoder, settings, cache_dir, progress, report)
+    candidates = find_candidates(records, corpus, encoder, settings, cache_dir, progress, report, shard)
+    if candidates is None:
+        return [], report
     judged = (rerank(records, candidates, reranker, progress, cache_dir, settings.chunk_size, report)
               if reranker is not None else
               [Judged(p, [(t, s, s) for t, s in w]) for p, w in zip(candidates.positive_scores, candidates.windows)])
@@ -223,8 +266,11 @@ def mine(records: Sequence[Record], corpus: Sequence[str], encoder, settings: Mi
 
 
 def find_candidates(records: Sequence[Record], corpus: Sequence[str], encoder, settings: MineSettings,
-                    cache_dir: Path | None, progress: bool, report: MineReport) -> Candidates:
-    """Encode (through the cache), search the corpus, and cut each record's rank window."""
+                    cache_dir: Path | None, progress: bool, report: MineReport,
+                    shard: Shard = Shard()) -> Candidates | None:
+    """Encode (through the cache), search the corpus, and cut each record's rank window. With
+    several processes, each encodes its ``shard`` of every text list's chunks; the leader then
+    searches alone, and the others get None."""
     corpus = list(dict.fromkeys(corpus))
     if len(corpus) < settings.rank_end:
         raise ValueError(f"the corpus has {len(corpus)} passages, fewer than the rank window's end "
@@ -235,21 +281,24 @@ def find_candidates(records: Sequence[Record], corpus: Sequence[str], encoder, s
     # Positives outside the corpus (a separate --corpus) are encoded on their own.
     positives = [p for p in dict.fromkeys(p for r in records for p in r.positives) if p not in corpus_row]
 
-    def cached(role: str, keys: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        cache = EmbeddingCache(cache_dir, encoder.fingerprint, role, keys, settings.chunk_size)
-        vectors = cache.embeddings(encode)
-        report.encoded += cache.encoded
-        report.from_cache += cache.from_cache
-        return vectors
-
     def encode_queries(keys: list[str]) -> np.ndarray:
         pairs = [json.loads(k) for k in keys]
         return encoder.encode_queries([q for _, q in pairs], [i for i, _ in pairs], progress)
 
-    corpus_vectors = cached("corpus", corpus, lambda t: encoder.encode_passages(t, progress))
-    positive_vectors = cached("positives", positives, lambda t: encoder.encode_passages(t, progress))
     unique_keys = list(dict.fromkeys(query_keys))
-    query_vectors = cached("queries", unique_keys, encode_queries)
+    caches = {role: (EmbeddingCache(cache_dir, encoder.fingerprint, role, keys, settings.chunk_size), encode)
+              for role, keys, encode in (("corpus", corpus, lambda t: encoder.encode_passages(t, progress)),
+                                         ("positives", positives, lambda t: encoder.encode_passages(t, progress)),
+                                         ("queries", unique_keys, encode_queries))}
+    for cache, encode in caches.values():
+        cache.fill(encode, shard)
+    report.encoded_here = sum(cache.encoded for cache, _ in caches.values())
+    report.encoded += shard.total(report.encoded_here)
+    report.from_cache += shard.total(sum(cache.from_cache for cache, _ in caches.values()))
+    shard.wait_for_all()
+    if not shard.leads:
+        return None
+    corpus_vectors, positive_vectors, query_vectors = (cache.load() for cache, _ in caches.values())
     query_row = {k: n for n, k in enumerate(unique_keys)}
     positive_row = {p: n for n, p in enumerate(positives)}
 
@@ -380,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="embedding cache (default: OUT.cache)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier --out of this command")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--chunk-size", type=int_at_least(1), default=4096,
+                        help="texts per cached chunk of vectors: what a rerun resumes from, and the unit that "
+                             "several processes share out")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -398,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = MineSettings(rank_start=args.ranks[0], rank_end=args.ranks[1], num_negatives=args.num_negatives,
                                 positive_ratio=None if args.no_positive_filter else args.positive_ratio,
                                 min_positive_score=args.min_positive_score, index=args.index,
-                                keep_existing_negatives=args.keep_existing_negatives, instruction=args.instruction)
+                                keep_existing_negatives=args.keep_existing_negatives, instruction=args.instruction,
+                                chunk_size=args.chunk_size)
         records = read_jsonl(args.input)
         if not records:
             raise DataError(f"{args.input}: no records")
@@ -406,14 +459,20 @@ def main(argv: list[str] | None = None) -> int:
             dict.fromkeys(t for r in records for t in r.positives + r.negatives))
         if not corpus:
             raise DataError(f"{args.corpus}: no passages")
+        # Launched by torchrun or deepspeed with several processes, they share the encoding.
+        shard = Shard.from_launcher()
         encoder = load_encoder(args.model, args.backend, args.trust_remote_code, args.batch_size)
         reranker = (load_cross_encoder(args.cross_encoder, args.trust_remote_code, args.batch_size)
-                    if args.cross_encoder else None)
+                    if args.cross_encoder and shard.leads else None)
         mined, report = mine(records, corpus, encoder, settings, cache, progress=not args.no_progress,
-                             reranker=reranker)
+                             reranker=reranker, shard=shard)
     except (DataError, EncoderError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not shard.leads:
+        print(f"process {shard.index} of {shard.count}: encoded {report.encoded_here} texts")
+        leave_group_and_exit()
+        return 0
     # The counts first: the records' arrival then marks a complete output (see MINED_KIND).
     stats = {"model": encoder.name, "model_fingerprint": encoder.fingerprint,
              **({"cross_encoder": reranker.name, "cross_encoder_fingerprint": reranker.fingerprint} if reranker else {}),
@@ -430,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  texts encoded {report.encoded}, from cache {report.from_cache}")
     if reranker is not None:
         print(f"  pairs scored by the cross-encoder {report.pairs_scored}, from cache {report.pairs_from_cache}")
+    if shard.count > 1:
+        print(f"  encoding shared by {shard.count} processes; this one encoded {report.encoded_here} texts")
+    leave_group_and_exit()
     return 0
 
 

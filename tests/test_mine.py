@@ -233,3 +233,44 @@ def test_cross_encoder_bad_folders_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EncoderError, match="has no weights"):
         load_cross_encoder(tmp_path)
+
+
+@pytest.mark.integration
+def test_processes_launched_like_training_share_the_encoding_and_mine_the_same(tmp_path):
+    """torchrun with 2 processes: each encodes its own chunks of the cache (every chunk written
+    once, the work split), the first searches and writes, and the output equals one process's."""
+    import os
+    import sys
+
+    from llmembed.data import read_jsonl
+    from tests.processes import run_group
+    from tests.train_utils import free_port
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r.to_json()) + "\n" for r in RECORDS))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    args = ["--model", str(reference_model_dir()), "--input", str(data), "--corpus", str(corpus), "--ranks", "0:10",
+            "--num-negatives", "3", "--no-progress", "--chunk-size", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    single = run_group([sys.executable, "-m", "llmembed.mine", *args, "--out", str(tmp_path / "one.jsonl")],
+                       env, tmp_path, 300, "one process")
+    shared = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "llmembed.mine", *args, "--out", str(tmp_path / "two.jsonl")],
+                       env, tmp_path, 300, "two processes")
+    one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert [(r.query, r.negatives) for r in two] == [(r.query, r.negatives) for r in one]
+    for a, b in zip(one, two):
+        assert b.meta["mining"]["negative_scores"] == pytest.approx(a.meta["mining"]["negative_scores"], abs=1e-5)
+    stats_one = json.loads((tmp_path / "one.jsonl.stats.json").read_text())
+    stats_two = json.loads((tmp_path / "two.jsonl.stats.json").read_text())
+    total = len(CORPUS) + len(RECORDS)
+    assert stats_one["texts_encoded"] == stats_two["texts_encoded"] == total
+    # Chunks of 4: the corpus's 21 texts make 6 chunks, the 4 queries one (no positives outside
+    # the corpus). Process 0 owns chunks 0, 2, 4 of the corpus and the queries' chunk 0.
+    mine_here = int(shared.stdout.split("this one encoded ")[1].split()[0])
+    other = int(shared.stdout.split("process 1 of 2: encoded ")[1].split()[0])
+    assert (mine_here, other) == (4 * 3 + len(RECORDS), total - 4 * 3 - len(RECORDS))
+    chunks = sorted(p.relative_to(tmp_path / "two.jsonl.cache").as_posix()
+                    for p in (tmp_path / "two.jsonl.cache").rglob("chunk-*.npy"))
+    assert len(chunks) == 7 and len(set(chunks)) == 7
