@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "temperature-0.02": ("InfoNCE temperature 0.02 instead of 0.05", ("loss.temperature=0.02",)),
     "lr-5e-4": ("learning rate 5e-4 instead of 1e-3", ("train.lr=5.0e-4",)),
     "no-length-buckets": ("batches drawn without length grouping", ("train.length_buckets=1",)),
+    "packed": ("packed rows of at most 512 tokens instead of 3 length buckets",
+               ("train.length_buckets=1", "train.pack_tokens=512")),
 }
 
 
@@ -64,8 +67,13 @@ def main() -> int:
     for name in args.variants:
         change, overrides = VARIANTS[name]
         recipe = (teacher, *overrides)
-        models = {f"seed {seed}": bench.train(mined, f"{name}-s{seed}", recipe=recipe, seed=seed)
-                  for seed in args.seeds}
+        models, train_s = {}, {}
+        for seed in args.seeds:
+            start = time.perf_counter()
+            models[f"seed {seed}"] = bench.train(mined, f"{name}-s{seed}", recipe=recipe, seed=seed)
+            # A run whose model was already there is skipped: no time to report.
+            elapsed = time.perf_counter() - start
+            train_s[f"seed {seed}"] = f"{elapsed:.0f}" if elapsed > 30 else "-"
         if len(args.seeds) > 1:
             for scale in sorted({1.0, args.merge_scale}):
                 merged = bench.out / f"merged-{name}-x{scale:g}"
@@ -76,11 +84,12 @@ def main() -> int:
             tag = f"{name}-{label.replace(' ', '')}"
             report = scores_of(bench.evaluate(model, tag, suite=False, data=dev))
             score = next(v for k, v in report.items() if "untrained" not in k)
-            rows.append(f"| {name} | {change} | {label} | {next(iter(score.values())):.4f} |")
+            rows.append(f"| {name} | {change} | {label} | {next(iter(score.values())):.4f} | "
+                        f"{train_s.get(label, '-')} |")
     lines = ["# The CPU recipe, one setting at a time (chatterbot English dev split, nDCG@10)", "",
              f"Command: `.venv/bin/python bench/cpu_recipe.py --out {args.out} --variants {' '.join(args.variants)} "
              f"--seeds {' '.join(map(str, args.seeds))}`; {args.procs} DeepSpeed processes, 2-core CPU.", "",
-             "| variant | change | model | dev nDCG@10 |", "|---|---|---|---:|", *rows, ""]
+             "| variant | change | model | dev nDCG@10 | train s |", "|---|---|---|---:|---:|", *rows, ""]
     write_table(RESULTS / "cpu_recipe_runs.md", lines)
     return 0
 

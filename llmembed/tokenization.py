@@ -21,6 +21,8 @@ tokens it is served with.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Sequence
 
 import torch
@@ -67,6 +69,14 @@ class EmbeddingTokenizer:
                 ids = ids[:-1]
             self._prefix_cache[prefix] = len(ids)
         return self._prefix_cache[prefix]
+
+    def counting_fingerprint(self) -> str:
+        """Names how :meth:`count_tokens` splits text (the tokenizer's full serialised form, or
+        its vocabulary for a tokenizer without one): counts cached under it stay valid exactly
+        as long as it does."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each raw text, without prompts or special tokens (for grouping by length)."""

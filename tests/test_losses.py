@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmembed.data.schema import parse_record
+from llmembed.data.schema import RecordFacts, parse_record
 from llmembed.losses import (CoSENT, CoSENTLoss, InfoNCE, InfoNCELoss, LossConfig, LossRouter, SimCSE,
                              TeacherSignals, choose_loss)
 from llmembed.losses.cosent import CoSENTSettings
@@ -76,21 +76,21 @@ def _text():
 
 
 def test_choose_loss_once_per_dataset():
-    assert choose_loss("auto", [_pair(1.0), _pair(0.0)], "d").name == "cosent"
+    assert choose_loss("auto", RecordFacts.of([_pair(1.0), _pair(0.0)]), "d").name == "cosent"
     # partly scored: cannot rank as a whole
-    assert choose_loss("auto", [_pair(1.0), _pair()], "d").name == "infonce"
-    assert choose_loss("infonce", [_pair(1.0), _pair(0.0)], "d").name == "infonce"
+    assert choose_loss("auto", RecordFacts.of([_pair(1.0), _pair()]), "d").name == "infonce"
+    assert choose_loss("infonce", RecordFacts.of([_pair(1.0), _pair(0.0)]), "d").name == "infonce"
     with pytest.raises(ValueError, match="d: loss cosent needs a score on every record"):
-        choose_loss("cosent", [_pair(1.0), _pair()], "d")
+        choose_loss("cosent", RecordFacts.of([_pair(1.0), _pair()]), "d")
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
-        choose_loss("triplet", [_pair(1.0)], "d")
+        choose_loss("triplet", RecordFacts.of([_pair(1.0)]), "d")
 
 
 def test_simcse_is_chosen_for_plain_text_and_refused_for_pairs():
-    assert choose_loss("auto", [_text(), _text()], "d").name == "simcse"
-    assert choose_loss("auto", [_text(), _pair()], "d").name == "infonce"
+    assert choose_loss("auto", RecordFacts.of([_text(), _text()]), "d").name == "simcse"
+    assert choose_loss("auto", RecordFacts.of([_text(), _pair()]), "d").name == "infonce"
     with pytest.raises(ValueError, match="d: loss simcse trains on unlabelled text"):
-        choose_loss("simcse", [_pair()], "d")
+        choose_loss("simcse", RecordFacts.of([_pair()]), "d")
 
 
 def test_simcse_loss_is_infonce_between_the_two_views_written_out():

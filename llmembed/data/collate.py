@@ -19,6 +19,8 @@ Training may cut queries and passages shorter than the serving length to save co
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -57,7 +59,8 @@ class LossFacts(Protocol):
 @dataclass
 class LoadedDataset:
     name: str
-    records: list[Record]
+    # A list in tests; a memory-mapped table (llmembed.data.store.RecordTable) when training.
+    records: Sequence[Record]
     instruction: str | None
     in_batch_negatives: bool
     group_size: int
@@ -65,7 +68,7 @@ class LoadedDataset:
     # Per record: the teacher's score of its positive, then of each negative; a record without
     # negatives has None (its group borrows unscored negatives and sits out the distillation).
     # None for the whole list: no distillation.
-    teacher: list[list[float] | None] | None = None
+    teacher: Sequence[list[float] | None] | None = None
     # Conan's cross-rank balancing (data.balanced_ranks): every rank takes the same queries
     # and positives of a batch and draws its own share of the hard negatives.
     shared_queries: bool = False
@@ -79,7 +82,30 @@ TEACHER_KEYS = {"embedding": ("mining", "positive_score", "negative_scores"),
 WRITTEN_BY = {"embedding": "llmembed.mine", "reranker": "llmembed.mine --cross-encoder", "llm": "synth.relabel"}
 
 
-def teacher_scores(records: list[Record], source: str, where: str) -> list[list[float] | None]:
+class ScoreTable:
+    """Per record, the teacher's ``[positive, *negatives]`` scores, or None: two flat arrays
+    (float32 scores, int64 row offsets) rather than a Python list per record, so a million
+    distilled records cost about 24 bytes each instead of some 150. Re-mining replaces a
+    record's scores with None (the teacher never scored its new negatives)."""
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray) -> None:
+        self.offsets, self.values = offsets, values
+        self.changed: dict[int, list[float] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> list[float] | None:
+        if row in self.changed:
+            return self.changed[row]
+        start, end = self.offsets[row], self.offsets[row + 1]
+        return self.values[start:end].tolist() if end > start else None
+
+    def __setitem__(self, row: int, scores: list[float] | None) -> None:
+        self.changed[row] = scores
+
+
+def teacher_scores(records: Iterable[Record], source: str, where: str) -> ScoreTable:
     """``[positive, *negatives]`` teacher scores per record from its meta (``source``: the
     mining model's ``embedding`` scores or the cross-encoder's ``reranker`` scores in
     ``meta.mining``, the LLM judge's ``llm`` scores in ``meta.relabel``); None for a record that
@@ -87,10 +113,10 @@ def teacher_scores(records: list[Record], source: str, where: str) -> list[list[
     if source not in TEACHER_KEYS:
         raise ValueError(f"{where}: teacher_scores must be one of {sorted(TEACHER_KEYS)}, got {source!r}")
     section, positive_key, negative_key = TEACHER_KEYS[source]
-    table: list[list[float] | None] = []
+    offsets, values = array("q", [0]), array("f")
     for number, record in enumerate(records, start=1):
         if not record.negatives:
-            table.append(None)
+            offsets.append(len(values))
             continue
         scores = record.meta.get(section) or {}
         positive, negatives = scores.get(positive_key), scores.get(negative_key)
@@ -104,8 +130,10 @@ def teacher_scores(records: list[Record], source: str, where: str) -> list[list[
         if problem:
             raise ValueError(f"{where}: record {number} (query {record.query[:40]!r}): {problem}; write it with "
                              f"{WRITTEN_BY[source]} or drop teacher_scores")
-        table.append([float(positive), *map(float, negatives)])
-    return table
+        values.append(float(positive))
+        values.extend(map(float, negatives))
+        offsets.append(len(values))
+    return ScoreTable(np.frombuffer(offsets, dtype=np.int64), np.frombuffer(values, dtype=np.float32))
 
 
 class ContrastiveCollator:

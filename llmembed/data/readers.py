@@ -68,19 +68,28 @@ def json_lines_with_text(path: str | Path) -> Iterator[tuple[int, str, Any]]:
 def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport | None = None,
                ignore_unknown_keys: bool = False) -> list[Record]:
     """All records of ``path``. A bad line raises :class:`DataError` (``file:line: ...``), or is
-    counted in ``report`` when ``skip_invalid``. Unknown keys are bad unless ``ignore_unknown_keys``."""
+    counted in ``report`` when ``skip_invalid``. Unknown keys are bad unless ``ignore_unknown_keys``.
+    Training keeps large files on disk instead (:func:`llmembed.data.store.open_records`)."""
+    report = report if report is not None else ReadReport()
+    before = report.skipped_total
+    records = list(parse_lines(path, skip_invalid, report, ignore_unknown_keys))
+    if report.skipped_total > before:
+        logger.warning("%s: skipped %d invalid record(s): %s", path, report.skipped_total - before, dict(report.skipped))
+    return records
+
+
+def parse_lines(path: str | Path, skip_invalid: bool, report: ReadReport,
+                ignore_unknown_keys: bool = False) -> Iterator[Record]:
+    """The records of ``path`` one at a time, with :func:`read_jsonl`'s checks and counts."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    report = report if report is not None else ReadReport()
-    records: list[Record] = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             try:
-                records.append(parse_record(decode_json_line(raw), ignore_unknown_keys))
-                report.kept += 1
+                record = parse_record(decode_json_line(raw), ignore_unknown_keys)
             except DataError as err:
                 message = f"{path}:{number}: {err}"
                 if not skip_invalid:
@@ -89,6 +98,6 @@ def read_jsonl(path: str | Path, skip_invalid: bool = False, report: ReadReport 
                 report.skipped[reason] += 1
                 if len(report.first_errors) < 5:
                     report.first_errors.append(message)
-    if report.skipped_total:
-        logger.warning("%s: skipped %d invalid record(s): %s", path, report.skipped_total, dict(report.skipped))
-    return records
+                continue
+            report.kept += 1
+            yield record

@@ -16,7 +16,7 @@ of it is padding, while which records meet in a batch stays random at the window
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,22 +24,47 @@ import numpy as np
 SUB_BATCHES = 4  # length grouping: batches sorted together by the second length
 
 
-def record_lengths(records: Sequence, count_tokens: Callable[[list[str]], list[int]],
+def record_lengths(records: Iterable, count_tokens: Callable[[list[str]], list[int]],
                    passage_cap: int | None = None, query_cap: int | None = None) -> np.ndarray:
     """Per record, the lengths to group batches by: ``(longest passage, query)`` in tokens,
     capped at the training cuts (texts cut to the same length pad alike). Queries and passages
     are padded separately, so both are grouped, passages first (``group_size`` of them per
     query). Tokens and not characters: 30 characters of chatterbot answers run from 7 to 14
     tokens, too loose to group by."""
-    texts = list(dict.fromkeys(t for r in records for t in (r.query, *r.positives, *r.negatives)))
-    counts: dict[str, int] = {}
-    for start in range(0, len(texts), 4096):
-        part = texts[start:start + 4096]
-        counts.update(zip(part, count_tokens(part)))
-    big = np.iinfo(np.int64).max
-    rows = [(min(max((counts[t] for t in (*r.positives, *r.negatives)), default=0), passage_cap or big),
-             min(counts[r.query], query_cap or big)) for r in records]
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    return capped_lengths(token_lengths(records, count_tokens), passage_cap, query_cap)
+
+
+def token_lengths(records: Iterable, count_tokens: Callable[[list[str]], list[int]],
+                  chunk: int = 4096) -> np.ndarray:
+    """Uncapped ``(longest passage, query)`` token counts per record (int32), counted
+    ``chunk`` records at a time so that memory stays flat however many records there are;
+    the training store keeps them beside the data, keyed by the tokenizer."""
+    rows: list[np.ndarray] = []
+    part: list = []
+
+    def count(part: list) -> np.ndarray:
+        texts = list(dict.fromkeys(t for r in part for t in (r.query, *r.positives, *r.negatives)))
+        counts = dict(zip(texts, count_tokens(texts)))
+        return np.asarray([(max((counts[t] for t in (*r.positives, *r.negatives)), default=0), counts[r.query])
+                           for r in part], dtype=np.int32).reshape(-1, 2)
+
+    for record in records:
+        part.append(record)
+        if len(part) == chunk:
+            rows.append(count(part))
+            part = []
+    if part or not rows:
+        rows.append(count(part))
+    return np.concatenate(rows)
+
+
+def capped_lengths(lengths: np.ndarray, passage_cap: int | None = None, query_cap: int | None = None) -> np.ndarray:
+    """``lengths`` with passages cut at ``passage_cap`` and queries at ``query_cap`` (a copy
+    only when there is a cut to make)."""
+    if passage_cap is None and query_cap is None:
+        return lengths
+    big = np.iinfo(np.int32).max
+    return np.minimum(lengths, np.asarray([passage_cap or big, query_cap or big], dtype=np.int32))
 
 
 @dataclass(frozen=True)
@@ -96,7 +121,7 @@ class HomogeneousBatchSampler:
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
 
-    def _epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+    def _epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         choices = self._rng(epoch, 0).choice(len(self.sizes), size=self.steps_per_epoch, p=self.probs)
         cursors = [0] * len(self.sizes)
         cycles = [0] * len(self.sizes)
@@ -111,7 +136,9 @@ class HomogeneousBatchSampler:
             key = (ds, cycles[ds])
             if key not in orders:
                 orders[key] = self._order(epoch, ds, cycles[ds])
-            rows = orders[key][cursors[ds] : cursors[ds] + batch].tolist()
+            # A view into the pass's order, not a list: an epoch's plan of a million records
+            # would otherwise hold a million Python ints in every rank.
+            rows = orders[key][cursors[ds] : cursors[ds] + batch]
             cursors[ds] += batch
             plan.append((ds, rows))
         return plan
@@ -142,7 +169,7 @@ class HomogeneousBatchSampler:
         """(dataset, all rows of the global batch, epoch) for global step ``step`` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         ds, rows = self._epoch_plan(epoch)[within]
-        return ds, rows, epoch
+        return ds, rows.tolist(), epoch
 
     def batches(self, start_step: int = 0):
         """Endless iterator of this rank's :class:`BatchRef`, starting at ``start_step``."""
@@ -154,5 +181,5 @@ class HomogeneousBatchSampler:
                 plan_epoch, plan = epoch, self._epoch_plan(epoch)
             ds, rows = plan[within]
             mine = rows if self.shared[ds] else rows[self.rank * self.local : (self.rank + 1) * self.local]
-            yield BatchRef(ds, tuple(mine), epoch, step)
+            yield BatchRef(ds, tuple(mine.tolist()), epoch, step)
             step += 1

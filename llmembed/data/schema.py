@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -96,6 +97,40 @@ def _check_keys(obj: dict, layout: tuple[str, ...]) -> None:
         hint = f"; did you mean '{guess}'?" if guess else ""
         raise DataError(f"field '{key}': unknown key for the {'/'.join(layout)} layout{hint} "
                         "(data.ignore_unknown_keys: true skips unknown keys)")
+
+
+@dataclass(frozen=True)
+class RecordFacts:
+    """What choosing and checking a dataset's loss needs to know of all its records, counted
+    once: read from a list here, or kept beside a memory-mapped table (:mod:`llmembed.data.store`)
+    so that a million records are not walked again at every start."""
+
+    count: int = 0
+    plain_text: int = 0  # read from {"text": ...} lines
+    scored: int = 0  # with a score
+    with_negatives: int = 0  # with at least one hard negative
+
+    @classmethod
+    def of(cls, records: "Iterable[Record]") -> "RecordFacts":
+        count = plain = scored = negatives = 0
+        for record in records:
+            count += 1
+            plain += record.plain_text
+            scored += record.score is not None
+            negatives += bool(record.negatives)
+        return cls(count, plain, scored, negatives)
+
+    def add(self, record: Record) -> "RecordFacts":
+        return RecordFacts(self.count + 1, self.plain_text + record.plain_text,
+                           self.scored + (record.score is not None), self.with_negatives + bool(record.negatives))
+
+    @property
+    def all_plain_text(self) -> bool:
+        return self.count > 0 and self.plain_text == self.count
+
+    @property
+    def all_scored(self) -> bool:
+        return self.count > 0 and self.scored == self.count
 
 
 def is_plain_text(record: Record) -> bool:

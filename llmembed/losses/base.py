@@ -15,7 +15,6 @@ entry in :mod:`llmembed.losses.router`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +24,7 @@ from torch import nn
 from llmembed.config import bounded, check_ranges
 from llmembed.data.collate import BatchShape, LoadedDataset
 from llmembed.data.masking import TokenMasking
-from llmembed.data.schema import Record, is_plain_text
+from llmembed.data.schema import RecordFacts
 from llmembed.model import EmbeddingModel
 
 
@@ -143,17 +142,17 @@ class DatasetLoss:
     settings_class: ClassVar[type | None] = None
 
     @classmethod
-    def problem_with(cls, records: Sequence[Record]) -> str | None:
-        """Why this loss cannot train these records, or None."""
-        if cls.text_only and not all(is_plain_text(r) for r in records):
+    def problem_with(cls, facts: RecordFacts) -> str | None:
+        """Why this loss cannot train a dataset with these facts, or None."""
+        if cls.text_only and facts.plain_text < facts.count:
             return f"loss {cls.name} trains on unlabelled text: every record must be {{\"text\": ...}}"
-        if cls.needs_scores and not all(r.score is not None for r in records):
+        if cls.needs_scores and facts.scored < facts.count:
             return f"loss {cls.name} needs a score on every record"
         return None
 
     @classmethod
-    def fits_automatically(cls, records: Sequence[Record]) -> bool:
-        """Whether ``loss: auto`` picks this loss for these records (asked in registry order)."""
+    def fits_automatically(cls, facts: RecordFacts) -> bool:
+        """Whether ``loss: auto`` picks this loss for a dataset with these facts (asked in registry order)."""
         return False
 
     @classmethod

@@ -9,7 +9,6 @@ For every two pairs where ``score_i > score_j`` it asks ``cos_i > cos_j``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from llmembed.config import bounded, check_ranges
 from llmembed.data.collate import LoadedDataset
-from llmembed.data.schema import Record
+from llmembed.data.schema import RecordFacts
 from llmembed.distributed import gather_with_grad, world
 from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
 
@@ -66,8 +65,8 @@ class CoSENT(DatasetLoss):
     settings_class = CoSENTSettings
 
     @classmethod
-    def fits_automatically(cls, records: Sequence[Record]) -> bool:
-        return bool(records) and all(r.score is not None for r in records)
+    def fits_automatically(cls, facts: RecordFacts) -> bool:
+        return facts.all_scored
 
     def __init__(self, dataset: LoadedDataset, config: LossSettings, settings: CoSENTSettings,
                  parts: LossParts) -> None:

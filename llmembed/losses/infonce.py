@@ -27,14 +27,13 @@ at the memory cost of ``group_size - 1``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmembed.data.collate import LoadedDataset
-from llmembed.data.schema import Record
+from llmembed.data.schema import RecordFacts
 from llmembed.distributed import gather_with_grad, world
 from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
 from llmembed.losses.distill import KLDistillLoss
@@ -173,7 +172,7 @@ class InfoNCE(DatasetLoss):
     embedding_teacher = True
 
     @classmethod
-    def fits_automatically(cls, records: Sequence[Record]) -> bool:
+    def fits_automatically(cls, facts: RecordFacts) -> bool:
         return True  # any pair records: the fallback after the more specific losses
 
     def __init__(self, dataset: LoadedDataset, config: LossSettings, settings: Any, parts: LossParts) -> None:

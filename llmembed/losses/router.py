@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmembed.data.collate import BatchShape, LoadedDataset
-from llmembed.data.schema import Record
+from llmembed.data.schema import RecordFacts
 from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
 from llmembed.losses.cosent import CoSENT, CoSENTSettings
 from llmembed.losses.infonce import InfoNCE
@@ -62,14 +62,14 @@ def loss_class(name: str, where: str = "loss") -> type[DatasetLoss]:
     raise ValueError(f"{where}: unknown loss {name!r}; choose auto or one of {LOSS_NAMES}")
 
 
-def choose_loss(requested: str, records: Sequence[Record], where: str) -> type[DatasetLoss]:
-    """The loss class for a dataset of ``records``: the first registered class that fits them
-    when ``requested`` is ``auto``, else the named one if the records suit it. ``where`` names the
-    dataset in errors."""
+def choose_loss(requested: str, facts: RecordFacts, where: str) -> type[DatasetLoss]:
+    """The loss class for a dataset with these record facts: the first registered class that
+    fits them when ``requested`` is ``auto``, else the named one if the records suit it.
+    ``where`` names the dataset in errors."""
     if requested == "auto":
-        return next(loss for loss in LOSSES if loss.fits_automatically(records))
+        return next(loss for loss in LOSSES if loss.fits_automatically(facts))
     loss = loss_class(requested, where)
-    problem = loss.problem_with(records)
+    problem = loss.problem_with(facts)
     if problem:
         raise ValueError(f"{where}: {problem}")
     return loss

@@ -9,14 +9,13 @@ learnt: :meth:`SimCSE.prepare` refuses such a model before training starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llmembed.config import bounded, check_ranges
 from llmembed.data.collate import BatchShape, LoadedDataset
-from llmembed.data.schema import Record, is_plain_text
+from llmembed.data.schema import RecordFacts
 from llmembed.losses.base import DatasetLoss, LossOutput, LossParts, LossSettings, TeacherSignals
 from llmembed.losses.infonce import InfoNCELoss
 from llmembed.model import EmbeddingModel
@@ -52,8 +51,8 @@ class SimCSE(DatasetLoss):
     settings_class = SimCSESettings
 
     @classmethod
-    def fits_automatically(cls, records: Sequence[Record]) -> bool:
-        return bool(records) and all(is_plain_text(r) for r in records)
+    def fits_automatically(cls, facts: RecordFacts) -> bool:
+        return facts.all_plain_text
 
     @classmethod
     def prepare(cls, model: EmbeddingModel, settings: SimCSESettings, zero_stage: int, dataset: str) -> LossParts:

@@ -202,8 +202,9 @@ CONFIG_FILE = "train_config.json"  # the run's full config, beside its checkpoin
 _RESUMABLE_CHANGES = ("checkpoint", "logging", "evaluation")
 # The run's length: stopping a run early or extending it is a resume (the LR schedule then
 # follows the new length from the resumed step on). The per-process batch changes with the
-# world size; the global batch must not (check_shape).
-_RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.per_device_batch_size")
+# world size; the global batch must not (check_shape). Where the parsed data is cached changes
+# nothing it holds.
+_RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.per_device_batch_size", "data.cache_dir")
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -75,6 +75,9 @@ class DataConfig:
     # price of in-batch negatives of similar length.
     group_by_length: bool = False
     length_window: int = bounded(32, ge=1)
+    # Where each dataset is kept parsed, as memory-mapped Arrow (llmembed.data.store): None puts
+    # it in .llmembed-cache beside the data (or $LLMEMBED_CACHE/data where that folder is read-only).
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -24,13 +24,15 @@ import torch
 
 from llmembed.backbone import resolve_dtype
 from llmembed.data.collate import ContrastiveCollator, LoadedDataset, teacher_scores
-from llmembed.data.readers import ReadReport, read_jsonl
-from llmembed.data.sampling import HomogeneousBatchSampler, record_lengths
+from llmembed.data.readers import ReadReport
+from llmembed.data.sampling import HomogeneousBatchSampler, capped_lengths, token_lengths
+from llmembed.data.store import open_records
 from llmembed.losses.base import LossParts
 from llmembed.losses.router import LossRouter, choose_loss
 from llmembed.model import EmbeddingModel, EmbeddingModelConfig
 from llmembed.outputs import Kind, check_output
 from llmembed import runlock
+from llmembed.tokenization import EmbeddingTokenizer
 from llmembed.train import checkpoint
 from llmembed.train.config import TrainConfig
 from llmembed.train.deepspeed_config import (
@@ -113,18 +115,19 @@ def seed_everything(seed: int) -> None:
 
 
 def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedDataset], ReadReport]:
-    """Read every dataset and fix its loss and group size now, from its records."""
+    """Open every dataset (memory-mapped, parsed into the data cache on first use) and fix its
+    loss and group size now, from what its records hold."""
     if not config.data.datasets:
         raise ValueError("data.datasets is empty: give at least one JSONL file")
     report = ReadReport()
     loaded = []
     for i, ds in enumerate(config.data.datasets):
         where = f"data.datasets[{i}] ({ds.path})"
-        records = read_jsonl(ds.path, skip_invalid=skip_invalid or config.data.skip_invalid, report=report,
-                             ignore_unknown_keys=config.data.ignore_unknown_keys)
-        if not records:
+        records = open_records(ds.path, skip_invalid=skip_invalid or config.data.skip_invalid, report=report,
+                               ignore_unknown_keys=config.data.ignore_unknown_keys, cache_dir=config.data.cache_dir)
+        if not len(records):
             raise ValueError(f"{where} has no valid records")
-        loss = choose_loss(ds.loss, records, where)
+        loss = choose_loss(ds.loss, records.facts, where)
         # Losses without hard negatives compare one passage per query (CoSENT's pairs, SimCSE's views).
         group = (ds.group_size or config.data.group_size) if loss.hard_negatives else 1
         teacher = None
@@ -136,6 +139,17 @@ def load_datasets(config: TrainConfig, skip_invalid: bool) -> tuple[list[LoadedD
         loaded.append(LoadedDataset(ds.name or Path(ds.path).stem, records, ds.instruction, ds.in_batch_negatives,
                                     group, loss, teacher, shared_queries=config.data.balanced_ranks and loss.hard_negatives))
     return loaded, report
+
+
+def grouping_lengths(datasets: list[LoadedDataset], tokenizer: EmbeddingTokenizer,
+                     config: TrainConfig) -> list[np.ndarray] | None:
+    """Per dataset, the token lengths that length grouping sorts by (None without grouping):
+    counted once per tokenizer and kept beside the data, cut at the training lengths."""
+    if not config.data.group_by_length:
+        return None
+    name = f"lengths-{tokenizer.counting_fingerprint()}"
+    return [capped_lengths(d.records.cached(name, lambda d=d: token_lengths(d.records, tokenizer.count_tokens)),
+                           config.data.passage_max_length, config.data.query_max_length) for d in datasets]
 
 
 def _with_trained_widths(config: TrainConfig) -> EmbeddingModelConfig:
@@ -353,8 +367,7 @@ def prepare(config: TrainConfig, resume: str | None = None, skip_invalid: bool =
         rank=rank,
         world_size=world_size,
         shared=[d.shared_queries for d in datasets],
-        lengths=[record_lengths(d.records, model.text_tokenizer.count_tokens, config.data.passage_max_length,
-                                config.data.query_max_length) for d in datasets] if config.data.group_by_length else None,
+        lengths=grouping_lengths(datasets, model.text_tokenizer, config),
         window=config.data.length_window,
     )
     # Before DeepSpeed starts, like every data check (a corpus too small for the rank window).
