@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "no-length-buckets": ("batches drawn without length grouping", ("train.length_buckets=1",)),
     "packed": ("packed rows of at most 512 tokens instead of 3 length buckets",
                ("train.length_buckets=1", "train.pack_tokens=512")),
+    "packed-3-epochs": ("packed rows, 3 epochs instead of 5",
+                        ("train.length_buckets=1", "train.pack_tokens=512", "train.epochs=3")),
 }
 
 
