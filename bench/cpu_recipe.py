@@ -38,11 +38,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "3-epochs": ("3 epochs instead of 5", ("train.epochs=3",)),
     "temperature-0.02": ("InfoNCE temperature 0.02 instead of 0.05", ("loss.temperature=0.02",)),
     "lr-5e-4": ("learning rate 5e-4 instead of 1e-3", ("train.lr=5.0e-4",)),
-    "no-length-buckets": ("batches drawn without length grouping", ("train.length_buckets=1",)),
-    "packed": ("packed rows of at most 512 tokens instead of 3 length buckets",
-               ("train.length_buckets=1", "train.pack_tokens=512")),
-    "packed-3-epochs": ("packed rows, 3 epochs instead of 5",
-                        ("train.length_buckets=1", "train.pack_tokens=512", "train.epochs=3")),
+    "length-buckets": ("3 length buckets instead of packed rows (the recipe before packing)",
+                       ("train.pack_tokens=null", "train.length_buckets=3")),
+    "padded": ("padded batches: neither packed nor bucketed", ("train.pack_tokens=null",)),
 }
 
 

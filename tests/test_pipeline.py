@@ -50,7 +50,7 @@ def test_every_shipped_training_config_loads_with_the_pipelines_overrides(tmp_pa
     gpu = load_config(REPO / "launch" / "configs" / "pipeline_gpu.yaml", overrides)
     assert gpu.train.deepspeed == "zero3" and gpu.model.backbone.dtype == "bfloat16"
     cpu = load_config(REPO / "launch" / "configs" / "pipeline.yaml", overrides)
-    assert cpu.train.length_buckets == 3 and cpu.model.backbone.name_or_path == "default"
+    assert cpu.train.pack_tokens == 512 and cpu.train.length_buckets == 1 and cpu.model.backbone.name_or_path == "default"
 
 
 def test_pipeline_command_line_maps_onto_its_settings(tmp_path, capsys):

@@ -108,7 +108,9 @@ class OptimConfig:
     # most this many tokens, told apart by restarting position_ids. With flash-attention 2 no
     # padding is computed at all (set it to the micro-batch's tokens); on sdpa/eager the rows
     # get a block mask whose attention cost grows with the row, so keep it to a few hundred.
-    # Causal attention only; replaces length_buckets. None: padded forwards.
+    # Causal or bidirectional (sdpa/eager: bidirectional blocks get an explicit 4-D mask;
+    # flash-attention 2 takes none, so that pair is refused). Replaces length_buckets. None:
+    # padded forwards.
     pack_tokens: int | None = bounded(None, ge=1)
     deepspeed: str = "zero2"  # zero2 | zero3 | zero3_offload | path to a DeepSpeed JSON
 
