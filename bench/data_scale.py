@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from train_throughput import write_table  # noqa: E402
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
          "home water room mother area money story fact month lot right study book eye job word business issue "
@@ -165,9 +167,7 @@ def main() -> int:
         lines.append(f"| {size:,} | {nbytes / 1e6:,.0f} | {names[mode]} | {r['load_s']:.1f} | {r['lengths_s']:.1f} | "
                      f"{r['total_s']:.1f} | {r['anon_mib']:,.0f} | {r['anon_mib'] / size * 1e6:,.0f} | "
                      f"{r['file_mib']:,.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
     return 0
 
 

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from data_scale import WORDS  # noqa: E402
+from train_throughput import write_table  # noqa: E402
 
 
 def write_inputs(folder: Path, texts: int) -> tuple[Path, Path]:
@@ -95,9 +96,7 @@ def main() -> int:
         launch = "python -m llmembed.mine" if procs == 1 else f"torchrun --nproc_per_node {procs} -m llmembed.mine"
         lines.append(f"| {procs} | `{launch}` | {' / '.join(f'{r:.0f}' for r in rates[procs])} | "
                      f"{statistics.mean(rates[procs]) / base:.2f}x |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, lines)
     return 0
 
 
